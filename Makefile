@@ -1,0 +1,32 @@
+# Everything a fresh machine needs comes from here: `make serve` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup serve test bench protos clean
+
+setup: $(STAMP)
+
+# torch is pinned first so that the project's looser `torch>=2.4` is already satisfied
+# and pip does not reach for a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/moe-serve demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/engine_vs_hf.py
+
+protos: $(STAMP)
+	$(PY) -m protos.generate
+
+clean:
+	rm -rf $(VENV) build *.egg-info

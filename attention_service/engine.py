@@ -1,0 +1,95 @@
+"""The attention shard's engine: requests in, tokens out, one step at a time.
+
+    scheduled = scheduler.schedule()          which sequences run, how many tokens each
+    sampled   = await runner.run(scheduled)   the layer loop, experts included, and sampling
+    scheduler.postprocess(scheduled, sampled) record tokens, finish what is done
+"""
+
+import logging
+
+import torch
+
+from attention_service.block_manager import BlockManager
+from attention_service.kv_cache import KVCache
+from attention_service.model import AttentionModel
+from attention_service.model_runner import ModelRunner
+from attention_service.sampling_params import SamplingParams
+from attention_service.scheduler import Scheduled, Scheduler
+from attention_service.sequence import Sequence
+from attention_service.transport import ExpertTransport
+from cluster.config import EngineConfig
+from router.dispatch import Placement
+
+log = logging.getLogger(__name__)
+
+_CPU_KV_BYTES = 512 * 2**20
+
+
+class Engine:
+    def __init__(self, model: AttentionModel, transport: ExpertTransport, placement: Placement,
+                 cfg: EngineConfig = EngineConfig(), eos_id: int = 2):
+        self.model, self.cfg, self.eos_id = model, cfg, eos_id
+        mc = model.cfg
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        budget = cfg.kv_cache_bytes or _default_kv_budget(model.device, cfg.kv_cache_fraction)
+        self.kv = KVCache.from_budget(budget, cfg.block_size, mc.num_hidden_layers, model.n_kv_heads,
+                                      model.dim_head, model.dtype, model.device)
+        self.blocks = BlockManager(self.kv.num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_batched_tokens)
+        self.runner = ModelRunner(model, self.kv, transport, placement, cfg.micro_batches)
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Refuse, before any work, what cannot run: empty or out-of-vocab prompts, too long a context."""
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model.cfg.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                             f"{len(prompt_ids) + params.max_tokens} exceeds the model's context of "
+                             f"{self.max_model_len} tokens")
+        if len(prompt_ids) + params.max_tokens > self.blocks.capacity_tokens:
+            raise ValueError(f"prompt + max_tokens = {len(prompt_ids) + params.max_tokens} tokens exceeds "
+                             f"the KV cache ({self.blocks.capacity_tokens} tokens)")
+
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        self.check_request(prompt_ids, params)
+        seq = Sequence(prompt_ids, params)
+        self.scheduler.add(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq, "abort")
+
+    async def step(self) -> list[Sequence]:
+        scheduled = self.scheduler.schedule()
+        sampled = await self.runner.run(scheduled)
+        return self.scheduler.postprocess(scheduled, sampled, self.eos_id)
+
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
+        """Offline batch generation: run every prompt to completion."""
+        seqs = [self.add(p, params) for p in prompts]
+        while self.scheduler.has_work:
+            await self.step()
+        return seqs
+
+    async def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Logits [L_i, V] at every position of each prompt, in one forward (for scoring and tests)."""
+        seqs = [Sequence(p, SamplingParams(max_tokens=1)) for p in prompts]
+        for s in seqs:
+            self.blocks.allocate(s, s.num_tokens)
+        try:
+            logits = await self.runner.logits([Scheduled(s, s.num_tokens) for s in seqs], all_logits=True)
+        finally:
+            for s in seqs:
+                self.blocks.free(s)
+        return list(logits.split([len(p) for p in prompts]))
+
+
+def _default_kv_budget(device: torch.device, fraction: float) -> int:
+    if device.type != "cuda":
+        return _CPU_KV_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * fraction)

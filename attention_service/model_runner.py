@@ -1,0 +1,117 @@
+"""One engine step on the model: lay out the batch, run the layer loop, sample.
+
+Shapes: T tokens this step, D hidden, B sequences that sample, V vocab.
+
+The layer loop is where the attention side meets the experts:
+
+    x = embed(tokens)
+    for layer:  h = attention(x);  y = norm(h);  route;  plan;  parts = await experts;  x = combine
+    logits = lm_head(x[last positions])
+
+A step's sequences are split into micro-batches that run the loop as concurrent
+coroutines: while one waits for its expert RPCs, another computes its attention
+(ping-pong). With one micro-batch, or in-process experts, it is a plain loop.
+"""
+
+import asyncio
+from dataclasses import dataclass
+
+import torch
+
+from attention_service.attention import AttentionMetadata
+from attention_service.kv_cache import KVCache
+from attention_service.model import AttentionModel
+from attention_service.sampler import sample, top_logprobs
+from attention_service.scheduler import Scheduled
+from attention_service.transport import ExpertTransport
+from router.dispatch import Placement, combine, plan
+from router.gating import route
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor       # [T]
+    positions: torch.Tensor    # [T]
+    meta: AttentionMetadata
+    logit_rows: torch.Tensor   # rows whose logits are wanted
+
+
+class ModelRunner:
+    def __init__(self, model: AttentionModel, kv: KVCache, transport: ExpertTransport, placement: Placement,
+                 micro_batches: int = 1):
+        self.model, self.kv, self.transport, self.placement = model, kv, transport, placement
+        self.micro_batches = micro_batches
+        self.on_route = None   # optional hook(layer, expert ids [T, K]) for routing statistics
+
+    def prepare(self, scheduled: list[Scheduled], all_logits: bool = False) -> MicroBatch:
+        tokens, positions, rows = [], [], []
+        row = 0
+        for s in scheduled:
+            start = s.seq.num_computed
+            tokens.extend(s.seq.token_ids[start:start + s.num_tokens])
+            positions.append(torch.arange(start, start + s.num_tokens))
+            row += s.num_tokens
+            if all_logits:
+                rows.extend(range(row - s.num_tokens, row))
+            elif s.samples:
+                rows.append(row - 1)
+        dev = self.model.device
+        meta = AttentionMetadata.build(
+            [s.num_tokens for s in scheduled], [s.seq.num_computed + s.num_tokens for s in scheduled],
+            [s.seq.block_table for s in scheduled], self.kv.block_size, dev)
+        return MicroBatch(torch.tensor(tokens, device=dev), torch.cat(positions).to(dev), meta,
+                          torch.tensor(rows, dtype=torch.int64, device=dev))
+
+    def split(self, scheduled: list[Scheduled]) -> list[list[Scheduled]]:
+        """Contiguous runs of sequences with about equal token counts, at most micro_batches of them."""
+        m = min(self.micro_batches, len(scheduled))
+        if m <= 1:
+            return [scheduled]
+        total = sum(s.num_tokens for s in scheduled)
+        parts, cur, acc = [], [], 0
+        for s in scheduled:
+            cur.append(s)
+            acc += s.num_tokens
+            if acc >= total * (len(parts) + 1) / m and len(parts) < m - 1:
+                parts.append(cur)
+                cur = []
+        return parts + [cur] if cur else parts
+
+    async def forward(self, mb: MicroBatch) -> torch.Tensor:
+        """The layer loop for one micro-batch -> logits [len(logit_rows), V]."""
+        m = self.model
+        x = m.embed(mb.tokens)
+        cos, sin = m.rope(mb.positions)
+        for layer in range(len(m.layers)):
+            h = m.attention(layer, x, cos, sin, self.kv.k[layer], self.kv.v[layer], mb.meta)
+            y = m.moe_input(layer, h)
+            ids, weights = route(y, m.gate(layer), m.top_k)
+            if self.on_route is not None:
+                self.on_route(layer, ids)
+            batches = plan(ids, weights, self.placement.group_of[layer])
+            parts = await self.transport.forward(layer, y, batches)
+            x = combine(parts, batches, h)
+        return m.logits(x[mb.logit_rows])
+
+    async def logits(self, scheduled: list[Scheduled], all_logits: bool = False) -> torch.Tensor:
+        mbs = [self.prepare(part, all_logits) for part in self.split(scheduled)]
+        outs = await asyncio.gather(*(self.forward(mb) for mb in mbs))
+        return torch.cat(outs)
+
+    async def run(self, scheduled: list[Scheduled]) -> list[int | None]:
+        """Compute a step; a new token for each sequence that reaches its end, None for the rest."""
+        if not scheduled:
+            return []
+        logits = await self.logits(scheduled)                                    # [B, V]
+        sampling = [s.seq for s in scheduled if s.samples]
+        tokens = sample(logits, [q.params for q in sampling], [q.seed for q in sampling],
+                        [q.num_output for q in sampling])
+        want = [i for i, q in enumerate(sampling) if q.params.logprobs is not None]
+        if want:
+            n = max(sampling[i].params.logprobs for i in want)
+            chosen, ids, vals = top_logprobs(logits[want], tokens[want], n)
+            for j, i in enumerate(want):
+                k = sampling[i].params.logprobs
+                sampling[i].logprobs.append((float(chosen[j]), list(zip(ids[j, :k].tolist(), vals[j, :k].tolist()))))
+        it = iter(tokens.tolist())
+        return [next(it) if s.samples else None for s in scheduled]

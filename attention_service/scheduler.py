@@ -1,0 +1,128 @@
+"""Continuous batching with chunked prefill. Plain Python.
+
+Every step the scheduler hands out a token budget: first one token to each sequence
+that is decoding, so streams keep flowing, then what is left to prompts in chunks, so a
+64K-token prompt is fed in over many steps beside them. Sequences join the moment their
+first chunk fits and leave the moment they finish.
+
+When the KV cache runs out, the newest running sequence is preempted: its blocks are
+freed and it goes back to the front of the queue to be recomputed from its tokens so
+far. Sampling depends only on (seed, tokens so far), so the recompute gives the same
+tokens it would have.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from attention_service.block_manager import BlockManager
+from attention_service.sequence import Sequence, Status
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    num_tokens: int          # tokens computed this step, from seq.num_computed on
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the sequence, so its logits give a new token."""
+        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int = 256, max_batched_tokens: int = 2048):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_batched_tokens = max_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if -(-(seq.num_tokens + 1) // self.blocks.block_size) > self.blocks.num_blocks:
+            raise ValueError(f"{seq.num_tokens} tokens cannot fit in the KV cache "
+                             f"({self.blocks.capacity_tokens} token slots)")
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Scheduled]:
+        budget = self.max_batched_tokens
+        out: list[Scheduled] = []
+        preemptions_before = self.num_preemptions
+        # Decoding sequences first, then the ones still feeding their prompt in.
+        for seq in sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed > 1, s.arrival)):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:      # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._make_room(seq, n):
+                continue
+            self.blocks.allocate(seq, seq.num_computed + n)
+            out.append(Scheduled(seq, n))
+            budget -= n
+        # A step that had to preempt admits nobody: the cache is full.
+        admit = self.num_preemptions == preemptions_before
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.can_allocate(seq, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, seq.num_computed + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.append(Scheduled(seq, n))
+            budget -= n
+        return out
+
+    def _make_room(self, seq: Sequence, n: int) -> bool:
+        """Preempt the newest running sequences until seq can grow by n; False if seq itself went."""
+        while not self.blocks.can_allocate(seq, seq.num_computed + n):
+            victim = max((s for s in self.running if s.status is Status.RUNNING), key=lambda s: s.arrival)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, scheduled: list[Scheduled], sampled: list[int | None], eos_id: int) -> list[Sequence]:
+        """Record a step's work and new tokens; returns the sequences that got a token."""
+        touched = []
+        for s, tok in zip(scheduled, sampled):
+            seq = s.seq
+            seq.num_computed += s.num_tokens
+            if tok is None:
+                continue
+            seq.token_ids.append(tok)
+            touched.append(seq)
+            p = seq.params
+            if not p.ignore_eos and tok == eos_id:
+                self.finish(seq, "stop")
+            elif tok in p.stop_token_ids:
+                self.finish(seq, "stop")
+            elif seq.num_output >= p.max_tokens:
+                self.finish(seq, "length")
+        return touched
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End seq now (done, stopped or cancelled) and give its blocks back."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

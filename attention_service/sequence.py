@@ -1,0 +1,52 @@
+"""One request's tokens and where they stand: what is cached, what is generated."""
+
+import enum
+import itertools
+import time
+
+from attention_service.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, seed: int | None = None):
+        self.seq_id = next(_ids)
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.params = params
+        # Unseeded requests still get a seed of their own: sampling is then a pure function
+        # of (seed, tokens generated so far), so preemption and recompute change nothing.
+        self.seed = params.seed if params.seed is not None else (seed if seed is not None else hash((self.seq_id, time.time_ns())))
+        self.num_computed = 0            # tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.arrival = time.monotonic()
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed}, blocks={len(self.block_table)})")

@@ -1,0 +1,138 @@
+"""The `moe-serve` command line."""
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+CACHE = Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache" / "moe-serve"))
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+
+
+def default_model() -> Path:
+    """The embedded default: a tiny random-weight Mixtral with the real tokenizer, made on first use."""
+    from cluster.config import preset
+    from cluster.make_checkpoint import write_random_checkpoint
+
+    out = CACHE / "models" / "tiny"
+    if not (out / "config.json").exists():
+        logging.getLogger("moe-serve").info("making the default tiny checkpoint in %s", out)
+        write_random_checkpoint(preset("tiny"), out)
+    return out
+
+
+def cmd_make_checkpoint(a: argparse.Namespace) -> None:
+    import torch
+
+    from cluster.config import preset
+    from cluster.make_checkpoint import write_random_checkpoint
+
+    out = write_random_checkpoint(preset(a.preset), Path(a.out), shards=a.shards, seed=a.seed,
+                                  dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype])
+    print(out)
+
+
+def _engine_config(a: argparse.Namespace):
+    from cluster.config import EngineConfig
+
+    return EngineConfig(device=a.device, dtype=a.dtype, micro_batches=a.micro_batches)
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from attention_service.sampling_params import SamplingParams
+    from cluster.local import build_engine
+
+    engine, tok = build_engine(a.model or default_model(), _engine_config(a), progress=not a.json)
+    prompt = a.prompt_ids if a.prompt_ids is not None else tok.encode(a.prompt)
+    try:
+        params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                                top_k=a.top_k, seed=a.seed, ignore_eos=a.ignore_eos)
+        (seq,) = asyncio.run(engine.generate([prompt], params))
+    except ValueError as e:
+        sys.exit(f"moe-serve generate: {e}")
+    text = tok.decode(seq.output_ids)
+    if a.json:
+        print(json.dumps({"token_ids": seq.output_ids, "text": text}))
+    else:
+        print(text)
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from attention_service.sampling_params import SamplingParams
+    from cluster.local import build_engine
+
+    model = default_model()
+    engine, tok = build_engine(model, _engine_config(a), groups=2)
+    prompts = ["The capital of France is", "Mixture-of-experts models route each token to", "Hello"]
+    seqs = asyncio.run(engine.generate([tok.encode(p) for p in prompts], SamplingParams(max_tokens=24, temperature=0)))
+    print(f"model: {model} (random weights: the text is noise, the machinery is real)")
+    for p, s in zip(prompts, seqs):
+        print(f"\n> {p}\n{tok.decode(s.output_ids)!r}  [{s.num_output} tokens, {s.finish_reason}]")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moe-serve",
+        description="Serve Mixtral-family mixture-of-experts models with disaggregated, independently "
+                    "scaled expert shards.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("make-checkpoint", help="write a random-weight Mixtral checkpoint (HF layout + real tokenizer)",
+                       description="Write a random-weight Mixtral checkpoint in the Hugging Face layout: config.json, "
+                                   "generation_config.json, safetensors (sharded with an index when --shards > 1) "
+                                   "and the Mistral tokenizer that matches the vocabulary.")
+    m.add_argument("--preset", default="tiny", help="tiny, tiny-v3, bench, mixtral-8x7b, mixtral-8x22b (default: tiny)")
+    m.add_argument("--out", required=True, help="folder to write")
+    m.add_argument("--shards", type=int, default=1, help="safetensors files to split the weights over (default: 1)")
+    m.add_argument("--seed", type=int, default=0, help="weights are a function of the seed (default: 0)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    m.set_defaults(fn=cmd_make_checkpoint)
+
+    def engine_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+        q.add_argument("--dtype", default="auto", help="auto (checkpoint's on CPU, bfloat16 on GPU), float32, bfloat16")
+        q.add_argument("--micro-batches", type=int, default=1,
+                       help="split each step into this many micro-batches to overlap attention with expert calls")
+
+    g = sub.add_parser("generate", help="generate from a prompt, offline, in this process",
+                       description="Generate from one prompt. With --json, print one JSON object "
+                                   '{"token_ids": [...generated ids...], "text": "..."}.')
+    g.add_argument("--model", help="checkpoint folder (default: the embedded tiny model)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (encoded with the checkpoint's tokenizer, BOS first)")
+    src.add_argument("--prompt-ids", type=_ids, help="prompt as comma-separated token ids, used as given")
+    g.add_argument("--max-tokens", type=int, default=16, help="tokens to generate at most (default: 16)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 disables the cut (default)")
+    g.add_argument("--seed", type=int, help="same seed, same output")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    engine_args(g)
+    g.set_defaults(fn=cmd_generate)
+
+    d = sub.add_parser("demo", help="generate offline with the embedded tiny model")
+    engine_args(d)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Dispatch and combine: which rows go to which expert group, and how results come back.
+
+Shapes: T tokens, D hidden, K top-k, E experts, G groups, R rows sent to one group.
+
+A token is sent once per expert group that holds at least one of its K experts, with
+the ids and weights of its experts in that group (-1 / 0 in the other slots). The group
+answers with one weighted partial sum per row, so combining is a scatter-add of G
+partial results: nothing about experts needs to be known on the way back.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Placement:
+    """group_of [L, E]: the expert group that serves (layer, expert); every pair has one."""
+
+    group_of: torch.Tensor
+
+    @classmethod
+    def from_groups(cls, groups: list[list[tuple[int, int]]], num_layers: int, num_experts: int) -> "Placement":
+        group_of = torch.full((num_layers, num_experts), -1, dtype=torch.int64)
+        for g, pairs in enumerate(groups):
+            for layer, expert in pairs:
+                if group_of[layer, expert] >= 0:
+                    raise ValueError(f"(layer {layer}, expert {expert}) is in groups {int(group_of[layer, expert])} and {g}")
+                group_of[layer, expert] = g
+        missing = (group_of < 0).nonzero().tolist()
+        if missing:
+            raise ValueError(f"no group serves (layer, expert) pairs {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        return cls(group_of)
+
+    @classmethod
+    def by_expert(cls, expert_groups: list[list[int]], num_layers: int, num_experts: int) -> "Placement":
+        """Each group holds whole experts across all layers: the default layout."""
+        groups = [[(l, e) for l in range(num_layers) for e in experts] for experts in expert_groups]
+        return cls.from_groups(groups, num_layers, num_experts)
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_of.max()) + 1
+
+    def pairs(self, group: int) -> list[tuple[int, int]]:
+        return [tuple(p) for p in (self.group_of == group).nonzero().tolist()]
+
+
+@dataclass(frozen=True)
+class GroupBatch:
+    """The rows of one layer's step that one expert group must compute."""
+
+    group: int
+    rows: torch.Tensor      # [R] int64, indices into the step's T tokens
+    expert_ids: torch.Tensor  # [R, K] int32, -1 where the slot's expert is in another group
+    weights: torch.Tensor   # [R, K] float32, 0 where expert_ids is -1
+
+
+def plan(ids: torch.Tensor, weights: torch.Tensor, group_of_layer: torch.Tensor) -> list[GroupBatch]:
+    """ids, weights [T, K]; group_of_layer [E] -> one GroupBatch per group touched."""
+    groups = group_of_layer[ids]                                # [T, K]
+    batches = []
+    for g in torch.unique(groups).tolist():
+        mine = groups == g                                      # [T, K]
+        rows = mine.any(dim=1).nonzero().squeeze(1)             # [R]
+        mine = mine[rows]
+        batches.append(GroupBatch(
+            group=g,
+            rows=rows,
+            expert_ids=torch.where(mine, ids[rows], -1).to(torch.int32),
+            weights=torch.where(mine, weights[rows], 0.0),
+        ))
+    return batches
+
+
+def combine(partials: list[torch.Tensor], batches: list[GroupBatch], out: torch.Tensor) -> torch.Tensor:
+    """Scatter-add each group's partial sums [R, D] into out [T, D] (which holds the residual)."""
+    for part, b in zip(partials, batches):
+        out.index_add_(0, b.rows, part.to(out.dtype))
+    return out
