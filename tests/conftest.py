@@ -1,0 +1,40 @@
+"""Shared fixtures: random-weight checkpoints, written once per session.
+
+The checkpoints are shared between tests; treat them as read-only and copy one
+(`shutil.copytree`) before damaging it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The oracle loads local folders only; never let it wait on an unreachable hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.config import ModelConfig, preset
+from cluster.make_checkpoint import write_random_checkpoint
+
+
+@pytest.fixture(scope="session")
+def make_ckpt(tmp_path_factory):
+    """make_ckpt(cfg, shards=1, seed=0, dtype=torch.float32) -> Path, cached per session."""
+    cache: dict[tuple, Path] = {}
+
+    def make(cfg: ModelConfig, shards: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+        key = (cfg, shards, seed, dtype)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"ckpt-s{shards}-seed{seed}")
+            cache[key] = write_random_checkpoint(cfg, out, shards=shards, seed=seed, dtype=dtype)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(make_ckpt) -> Path:
+    """The "tiny" preset (vocab 32000, v1 tokenizer), single file, seed 0."""
+    return make_ckpt(preset("tiny"))
