@@ -1,0 +1,100 @@
+"""Sampling: greedy, temperature, top-k, top-p, seeds; and that batching never changes a request."""
+
+import asyncio
+
+import msgspec
+import pytest
+import torch
+
+from attention_service.sampler import _filter, sample
+from attention_service.sampling_params import SamplingParams
+from cluster.config import EngineConfig
+from cluster.local import build_engine
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(4, 50)
+    out = sample(logits, [SamplingParams(temperature=0)] * 4, [0] * 4, [0] * 4)
+    assert torch.equal(out, logits.argmax(-1))
+
+
+def test_top_k_and_top_p_cut_the_tail():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = _filter(logits, torch.tensor([2]), torch.tensor([1.0]))
+    assert (probs[0, 2:] == 0).all() and torch.isclose(probs.sum(), torch.tensor(1.0))
+    probs = _filter(logits, torch.tensor([0]), torch.tensor([0.7]))      # 0.5 + 0.3 reaches 0.7
+    assert probs[0].nonzero().flatten().tolist() == [0, 1]
+    probs = _filter(logits, torch.tensor([0]), torch.tensor([0.01]))     # the top token always stays
+    assert probs[0].nonzero().flatten().tolist() == [0]
+
+
+def test_draws_follow_the_distribution_and_the_seed():
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))[None].expand(4000, 3)
+    p = SamplingParams(temperature=1.0)
+    draws = sample(logits.clone(), [p] * 4000, list(range(4000)), [0] * 4000)
+    freq = torch.bincount(draws, minlength=3).float() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.03, rtol=0)
+    again = sample(logits.clone(), [p] * 4000, list(range(4000)), [0] * 4000)
+    assert torch.equal(draws, again)
+    other_step = sample(logits.clone(), [p] * 4000, list(range(4000)), [1] * 4000)
+    assert not torch.equal(draws, other_step)
+
+
+def test_low_temperature_approaches_greedy():
+    logits = torch.randn(64, 100)
+    out = sample(logits, [SamplingParams(temperature=1e-4)] * 64, list(range(64)), [0] * 64)
+    assert torch.equal(out, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
+                                 dict(top_k=-2), dict(logprobs=99), dict(stop=[""])])
+def test_bad_params_are_refused_with_the_field_named(bad):
+    field = next(iter(bad))
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**bad)
+
+
+def test_seeded_request_gives_the_same_tokens_alone_or_in_a_crowd(tiny_ckpt):
+    p = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    prompt = [1, 415, 5565, 302, 4843, 349]
+    engine, _ = build_engine(tiny_ckpt)
+    (alone,) = asyncio.run(engine.generate([prompt], p))
+    # In a crowd, with a token budget so small that the cache and chunking differ too.
+    engine, _ = build_engine(tiny_ckpt, EngineConfig(max_batched_tokens=7, block_size=4))
+    others = [[1] + list(range(200, 200 + n)) for n in (3, 30, 9)]
+    for o in others:
+        engine.add(o, SamplingParams(max_tokens=20, temperature=1.0))
+    crowded = engine.add(prompt, p)
+    (other_seed,) = asyncio.run(engine.generate([prompt], msgspec.structs.replace(p, seed=99)))
+    assert crowded.output_ids == alone.output_ids
+    assert other_seed.output_ids != alone.output_ids
+
+
+def test_batch_gives_each_prompt_its_single_run_tokens(tiny_ckpt):
+    prompts = [[1] + list(range(300, 300 + n)) for n in (1, 7, 40, 120, 5)]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    engine, _ = build_engine(tiny_ckpt)
+    batch = asyncio.run(engine.generate(prompts, greedy))
+    for p, seq in zip(prompts, batch):
+        (single,) = asyncio.run(engine.generate([p], greedy))
+        assert seq.output_ids == single.output_ids
+        assert seq.num_output == 12 and seq.finish_reason == "length"
+
+
+def test_eos_and_stop_token_ids_finish_a_request(tiny_ckpt):
+    engine, _ = build_engine(tiny_ckpt)
+    (free,) = asyncio.run(engine.generate([[1, 22, 33]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
+    third = free.output_ids[2]
+    (stopped,) = asyncio.run(engine.generate([[1, 22, 33]], SamplingParams(max_tokens=8, temperature=0,
+                                                                           stop_token_ids=[third])))
+    assert stopped.output_ids == free.output_ids[:3] and stopped.finish_reason == "stop"
+
+
+def test_engine_refuses_what_cannot_run(tiny_ckpt):
+    engine, _ = build_engine(tiny_ckpt, EngineConfig(max_model_len=64))
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        engine.add(list(range(1, 60)), SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add([1, 32000], SamplingParams())
+    with pytest.raises(ValueError, match="empty"):
+        engine.add([], SamplingParams())
