@@ -10,10 +10,14 @@ The layer loop is where the attention side meets the experts:
 
 A step's sequences are split into micro-batches that run the loop as concurrent
 coroutines: while one waits for its expert RPCs, another computes its attention
-(ping-pong). With one micro-batch, or in-process experts, it is a plain loop.
+(ping-pong). Their compute then runs on one worker thread, so the event loop stays free
+to send and receive RPCs the moment they are ready (torch releases the GIL); one thread,
+because the micro-batches take turns on the cores rather than share them. With one
+micro-batch it is a plain loop on the caller's thread.
 """
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +46,12 @@ class ModelRunner:
         self.model, self.kv, self.transport, self.placement = model, kv, transport, placement
         self.micro_batches = micro_batches
         self.on_route = None   # optional hook(layer, expert ids [T, K]) for routing statistics
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="compute") if micro_batches > 1 else None
+
+    async def _compute(self, fn, *args):
+        if self._pool is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def prepare(self, scheduled: list[Scheduled], all_logits: bool = False) -> MicroBatch:
         tokens, positions, rows = [], [], []
@@ -77,21 +87,26 @@ class ModelRunner:
                 cur = []
         return parts + [cur] if cur else parts
 
+    def _attend(self, layer: int, x: torch.Tensor, rope: tuple, mb: MicroBatch):
+        """Everything of a layer before the experts: attention, norm, routing, dispatch plan."""
+        m = self.model
+        h = m.attention(layer, x, *rope, self.kv.k[layer], self.kv.v[layer], mb.meta)
+        y = m.moe_input(layer, h)
+        ids, weights = route(y, m.gate(layer), m.top_k)
+        if self.on_route is not None:
+            self.on_route(layer, ids)
+        return h, y, plan(ids, weights, self.placement.group_of[layer])
+
     async def forward(self, mb: MicroBatch) -> torch.Tensor:
         """The layer loop for one micro-batch -> logits [len(logit_rows), V]."""
         m = self.model
         x = m.embed(mb.tokens)
-        cos, sin = m.rope(mb.positions)
+        rope = m.rope(mb.positions)
         for layer in range(len(m.layers)):
-            h = m.attention(layer, x, cos, sin, self.kv.k[layer], self.kv.v[layer], mb.meta)
-            y = m.moe_input(layer, h)
-            ids, weights = route(y, m.gate(layer), m.top_k)
-            if self.on_route is not None:
-                self.on_route(layer, ids)
-            batches = plan(ids, weights, self.placement.group_of[layer])
+            h, y, batches = await self._compute(self._attend, layer, x, rope, mb)
             parts = await self.transport.forward(layer, y, batches)
             x = combine(parts, batches, h)
-        return m.logits(x[mb.logit_rows])
+        return await self._compute(m.logits, x[mb.logit_rows])
 
     async def logits(self, scheduled: list[Scheduled], all_logits: bool = False) -> torch.Tensor:
         mbs = [self.prepare(part, all_logits) for part in self.split(scheduled)]

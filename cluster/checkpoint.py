@@ -230,3 +230,13 @@ def _data_offsets(fh, names: set[str]) -> list[tuple[int, int]]:
     (n,) = struct.unpack("<Q", fh.read(8))
     header = json.loads(fh.read(n))
     return [(8 + n + header[k]["data_offsets"][0], 8 + n + header[k]["data_offsets"][1]) for k in sorted(names)]
+
+
+def resolve_dtype(name: str, ckpt: Checkpoint, device: str) -> torch.dtype:
+    """'auto' is the checkpoint's dtype on CPU and bfloat16 on GPU."""
+    if name == "auto":
+        return ckpt.dtype if device == "cpu" else torch.bfloat16
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None

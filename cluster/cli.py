@@ -49,21 +49,53 @@ def _engine_config(a: argparse.Namespace):
 
 def cmd_generate(a: argparse.Namespace) -> None:
     from attention_service.sampling_params import SamplingParams
-    from cluster.local import build_engine
+    from cluster.local import build_engine, connect_engine
 
-    engine, tok = build_engine(a.model or default_model(), _engine_config(a), progress=not a.json)
-    prompt = a.prompt_ids if a.prompt_ids is not None else tok.encode(a.prompt)
-    try:
+    async def run():
+        model = a.model or default_model()
+        if a.experts_at:
+            engine, tok = await connect_engine(model, a.experts_at, _engine_config(a), progress=not a.json)
+        else:
+            engine, tok = build_engine(model, _engine_config(a), progress=not a.json)
+        prompt = a.prompt_ids if a.prompt_ids is not None else tok.encode(a.prompt)
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
                                 top_k=a.top_k, seed=a.seed, ignore_eos=a.ignore_eos)
-        (seq,) = asyncio.run(engine.generate([prompt], params))
-    except ValueError as e:
+        try:
+            (seq,) = await engine.generate([prompt], params)
+        finally:
+            await engine.runner.transport.close()
+        return seq, tok
+
+    try:
+        seq, tok = asyncio.run(run())
+    except (ValueError, RuntimeError) as e:
         sys.exit(f"moe-serve generate: {e}")
     text = tok.decode(seq.output_ids)
     if a.json:
         print(json.dumps({"token_ids": seq.output_ids, "text": text}))
     else:
         print(text)
+
+
+def cmd_experts(a: argparse.Namespace) -> None:
+    """Start G local expert shard processes and keep them up until interrupted."""
+    import signal
+
+    from cluster.checkpoint import Checkpoint
+    from cluster.local import split_experts
+    from expert_service.launcher import start_shards
+
+    model = a.model or default_model()
+    groups = split_experts(Checkpoint(model).config.num_local_experts, a.groups)
+    shards = start_shards(model, groups * a.replicas, host=a.host)
+    try:
+        for s in shards:
+            print(f"experts {s.experts} at {s.address}", flush=True)
+        print(f"--experts-at {','.join(s.address for s in shards)}", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        for s in shards:
+            s.stop()
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
@@ -118,8 +150,19 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="same seed, same output")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    g.add_argument("--experts-at", type=lambda t: [x for x in t.split(",") if x],
+                   help="host:port,... of expert shards (see `moe-serve experts`); default: experts in-process")
     engine_args(g)
     g.set_defaults(fn=cmd_generate)
+
+    x = sub.add_parser("experts", help="start local expert shard processes for a quick try",
+                       description="Start one expert shard process per group (whole experts dealt round-robin) "
+                                   "and print the --experts-at value that `moe-serve generate` takes. Ctrl-C stops them.")
+    x.add_argument("--model", help="checkpoint folder (default: the embedded tiny model)")
+    x.add_argument("--groups", type=int, default=2, help="expert groups (default: 2)")
+    x.add_argument("--replicas", type=int, default=1, help="processes per group (default: 1)")
+    x.add_argument("--host", default="127.0.0.1")
+    x.set_defaults(fn=cmd_experts)
 
     d = sub.add_parser("demo", help="generate offline with the embedded tiny model")
     engine_args(d)
@@ -129,6 +172,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
+    if getattr(a, "experts_at", None):
+        # Before torch starts: threads that spin while waiting for expert replies would take
+        # the cores from shards on the same machine.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     a.fn(a)

@@ -7,10 +7,10 @@ against and the baseline their benchmarks are measured against.
 from pathlib import Path
 
 from attention_service.engine import Engine
-from attention_service.loader import load_attention_model, resolve_dtype
+from attention_service.loader import load_attention_model
 from attention_service.tokenizer import Tokenizer
 from attention_service.transport import ExpertTransport, InProcessTransport
-from cluster.checkpoint import Checkpoint
+from cluster.checkpoint import Checkpoint, resolve_dtype
 from cluster.config import EngineConfig
 from expert_service.loader import load_experts
 from router.dispatch import Placement
@@ -39,3 +39,20 @@ def build_engine(model_dir: str | Path, cfg: EngineConfig = EngineConfig(), grou
                                         for g in range(placement.num_groups)])
     tokenizer = Tokenizer.from_checkpoint(ckpt)
     return Engine(model, transport, placement, cfg, eos_id=mc.eos_token_id), tokenizer
+
+
+async def connect_engine(model_dir: str | Path, experts_at: list[str], cfg: EngineConfig = EngineConfig(),
+                         progress: bool = False) -> tuple[Engine, Tokenizer]:
+    """An engine whose experts are the gRPC shards at experts_at (host:port each).
+
+    The shards say what they hold; shards holding the same pairs are replicas of one group.
+    Must be awaited in the event loop that will run the engine (gRPC channels belong to it).
+    """
+    from attention_service.grpc_transport import GrpcTransport, discover
+
+    ckpt = Checkpoint(model_dir)
+    mc = ckpt.config
+    groups, placement = await discover(experts_at, mc.num_hidden_layers, mc.num_local_experts, ckpt.fingerprint())
+    model = load_attention_model(ckpt, resolve_dtype(cfg.dtype, ckpt, cfg.device), cfg.device, progress)
+    transport = GrpcTransport(groups)
+    return Engine(model, transport, placement, cfg, eos_id=mc.eos_token_id), Tokenizer.from_checkpoint(ckpt)

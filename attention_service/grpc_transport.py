@@ -1,0 +1,165 @@
+"""Expert groups over gRPC: the attention side's client for ExpertShard.
+
+Per layer, one Forward RPC per expert group touched (more when a group's rows are spread
+over several replicas), all in flight at once. Tensors go through the codec's fast path:
+one copy into the request bytes, none out of the reply.
+
+A replica that fails (connection lost, deadline passed) is set aside for `retry_after`
+seconds and its rows are sent to another replica of the group; the step, and so every
+request in it, goes on with the same result. A group with no live replica fails the step
+with an error that names it. Errors that say the batch itself is bad (INVALID_ARGUMENT)
+are not replica failures and are raised at once.
+"""
+
+import asyncio
+import functools
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from protos import codec, expert_pb2 as pb
+from protos.channel import FORWARD, INFO, channel_options
+from router.dispatch import GroupBatch, Placement
+
+log = logging.getLogger(__name__)
+
+_REPLICA_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                     grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+
+
+
+class ExpertGroupUnavailable(RuntimeError):
+    """No live replica of an expert group: the step cannot be computed."""
+
+
+@dataclass
+class Replica:
+    address: str
+    channel: grpc.aio.Channel
+    forward: grpc.aio.UnaryUnaryMultiCallable
+    down_until: float = 0.0
+
+    @classmethod
+    def open(cls, address: str) -> "Replica":
+        channel = grpc.aio.insecure_channel(address, options=channel_options())
+        forward = channel.unary_unary(FORWARD, request_serializer=None,
+                                      response_deserializer=functools.partial(codec.unpack, pb.ExpertResult))
+        return cls(address, channel, forward)
+
+
+@dataclass
+class WireStats:
+    """What crossed the wire; the benchmark and telemetry read it."""
+
+    rpcs: int = 0
+    rows: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    rpc_seconds: float = 0.0
+    failovers: int = 0
+    per_replica_rows: dict = field(default_factory=dict)
+
+
+class GrpcTransport:
+    def __init__(self, groups: list[list[str]], timeout: float = 30.0, retry_after: float = 5.0,
+                 min_rows_per_replica: int = 32):
+        """groups[g]: the addresses of group g's replicas."""
+        self.replicas: list[list[Replica]] = [[Replica.open(a) for a in addrs] for addrs in groups]
+        self.timeout, self.retry_after, self.min_rows = timeout, retry_after, min_rows_per_replica
+        self.stats = WireStats()
+        self._ids = itertools.count()
+        self._turn = itertools.count()
+
+    def set_replicas(self, group: int, addresses: list[str]) -> None:
+        """Follow the endpoint directory: keep known replicas, open new ones, drop the gone."""
+        known = {r.address: r for r in self.replicas[group]}
+        self.replicas[group] = [known.pop(a, None) or Replica.open(a) for a in addresses]
+        for gone in known.values():
+            asyncio.ensure_future(gone.channel.close(grace=self.timeout))
+
+    def live(self, group: int) -> list[Replica]:
+        now = time.monotonic()
+        return [r for r in self.replicas[group] if r.down_until <= now]
+
+    async def forward(self, layer: int, y: torch.Tensor, batches: list[GroupBatch]) -> list[torch.Tensor]:
+        calls = [self._group(layer, y, b) for b in batches]
+        return await asyncio.gather(*calls)
+
+    async def _group(self, layer: int, y: torch.Tensor, b: GroupBatch) -> torch.Tensor:
+        """One group's rows, spread over its live replicas in contiguous slices."""
+        live = self.live(b.group) or self.replicas[b.group]   # all down: try them anyway, once more
+        R = len(b.rows)
+        n = max(1, min(len(live), R // self.min_rows))
+        first = next(self._turn)
+        bounds = [R * i // n for i in range(n + 1)]
+        parts = [self._slice(layer, y, b, bounds[i], bounds[i + 1], live[(first + i) % len(live)])
+                 for i in range(n)]
+        outs = await asyncio.gather(*parts)
+        return outs[0] if n == 1 else torch.cat(outs)
+
+    async def _slice(self, layer: int, y: torch.Tensor, b: GroupBatch, s: int, e: int, replica: Replica) -> torch.Tensor:
+        request = codec.pack(pb.ExpertBatch(batch_id=next(self._ids), layer=layer),
+                             hidden=y[b.rows[s:e]], expert_ids=b.expert_ids[s:e], weights=b.weights[s:e])
+        tried = []
+        while True:
+            tried.append(replica.address)
+            t0 = time.perf_counter()
+            try:
+                msg, tensors = await replica.forward(request, timeout=self.timeout)
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _REPLICA_FAILURES:
+                    raise RuntimeError(f"expert group {b.group} at {replica.address} refused layer {layer} "
+                                       f"batch: {err.code().name}: {err.details()}") from None
+                replica.down_until = time.monotonic() + self.retry_after
+                self.stats.failovers += 1
+                log.warning("expert replica %s of group %d failed (%s: %s); retrying elsewhere",
+                            replica.address, b.group, err.code().name, err.details())
+                others = [r for r in self.live(b.group) if r.address not in tried]
+                if not others:
+                    raise ExpertGroupUnavailable(f"expert group {b.group} has no live replica "
+                                                 f"(tried {', '.join(tried)})") from None
+                replica = others[0]
+                continue
+            st = self.stats
+            st.rpcs += 1
+            st.rows += e - s
+            st.bytes_sent += len(request)
+            st.bytes_received += tensors["output"].numel() * tensors["output"].element_size()
+            st.rpc_seconds += time.perf_counter() - t0
+            st.per_replica_rows[replica.address] = st.per_replica_rows.get(replica.address, 0) + e - s
+            return tensors["output"]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(r.channel.close() for rs in self.replicas for r in rs))
+
+
+async def discover(addresses: list[str], num_layers: int, num_experts: int, fingerprint: str | None = None,
+                   timeout: float = 30.0) -> tuple[list[list[str]], Placement]:
+    """Ask each shard what it holds: shards holding the same pairs are replicas of one group.
+
+    Refuses shards serving another checkpoint than `fingerprint`, and layouts that leave a
+    (layer, expert) pair unserved or serve one in two different groups.
+    """
+    async def info(address: str) -> pb.ShardInfo:
+        async with grpc.aio.insecure_channel(address) as ch:
+            call = ch.unary_unary(INFO, request_serializer=pb.InfoRequest.SerializeToString,
+                                  response_deserializer=pb.ShardInfo.FromString)
+            try:
+                return await call(pb.InfoRequest(), timeout=timeout, wait_for_ready=True)
+            except grpc.aio.AioRpcError as err:
+                raise ExpertGroupUnavailable(f"expert shard {address}: {err.code().name}: {err.details()}") from None
+
+    infos = await asyncio.gather(*(info(a) for a in addresses))
+    by_pairs: dict[tuple, list[str]] = {}
+    for address, si in zip(addresses, infos):
+        if fingerprint and si.checkpoint_fingerprint != fingerprint:
+            raise ValueError(f"expert shard {address} serves checkpoint {si.checkpoint_fingerprint}, "
+                             f"this model is {fingerprint}")
+        pairs = tuple(sorted((le.layer, e) for le in si.layers for e in le.experts))
+        by_pairs.setdefault(pairs, []).append(address)
+    placement = Placement.from_groups([list(p) for p in by_pairs], num_layers, num_experts)
+    return list(by_pairs.values()), placement

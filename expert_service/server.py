@@ -1,0 +1,268 @@
+"""The ExpertShard gRPC service: one process serving the (layer, expert) pairs it holds.
+
+Hidden rows and outputs go through the codec's fast path: requests are parsed by
+`codec.unpack` (tensors viewed in place in the received bytes) and responses are
+`codec.pack`ed bytes handed to gRPC as they are. Info and Health are small and use the
+generated message classes.
+
+Compute runs on one dedicated thread. torch releases the GIL inside its kernels, so the
+event loop keeps receiving and validating the next batches meanwhile, and torch's own
+intra-op threads already use every core: a second compute thread would only make two
+batches fight over the same cores and inflate both of their compute times. On a GPU the
+kernels are serialized on one stream anyway.
+
+A malformed or misaddressed batch is refused with INVALID_ARGUMENT before any compute; a
+shard never computes a batch it cannot compute exactly, and bad input never takes it down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from cluster.checkpoint import Checkpoint, resolve_dtype
+from expert_service.experts import ExpertWeights
+from expert_service.loader import load_experts
+from protos.channel import DEFAULT_MAX_MESSAGE_BYTES, FORWARD, FORWARD_STREAM, SERVICE, channel_options  # noqa: F401
+from protos import codec
+from protos import expert_pb2 as pb
+
+log = logging.getLogger("moe-serve.expert")
+
+
+
+class BadBatch(ValueError):
+    """A batch this shard refuses (INVALID_ARGUMENT)."""
+
+
+def _unpack_batch(data: bytes):
+    # A deserializer that raises makes gRPC answer UNKNOWN; hand the error to the handler
+    # instead so that it can answer INVALID_ARGUMENT with the codec's message.
+    try:
+        return codec.unpack(pb.ExpertBatch, data)
+    except codec.CodecError as e:
+        return e
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class ExpertShardServicer:
+    def __init__(self, experts: ExpertWeights, hidden_size: int, fingerprint: str, shard_id: str,
+                 device: str = "cpu"):
+        self.experts = experts
+        self.hidden_size = hidden_size
+        self.fingerprint = fingerprint
+        self.shard_id = shard_id
+        self.device = torch.device(device)
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"experts-{shard_id}")
+
+    # --- validation ----------------------------------------------------------------------
+    def _prepare(self, request) -> tuple[pb.ExpertBatch, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if isinstance(request, codec.CodecError):
+            raise BadBatch(str(request))
+        msg, tensors = request
+        missing = [n for n in ("hidden", "expert_ids", "weights") if n not in tensors]
+        if missing:
+            raise BadBatch(f"batch {msg.batch_id}: missing {', '.join(missing)}")
+        y, ids, w = tensors["hidden"], tensors["expert_ids"], tensors["weights"]
+        if y.dim() != 2 or y.shape[1] != self.hidden_size:
+            raise BadBatch(f"batch {msg.batch_id}: hidden has shape {list(y.shape)}, "
+                           f"expected [T, {self.hidden_size}]")
+        if y.dtype != self.experts.dtype:
+            raise BadBatch(f"batch {msg.batch_id}: hidden is {_name(y.dtype)}, this shard computes in "
+                           f"{_name(self.experts.dtype)}; send hidden rows in {_name(self.experts.dtype)}")
+        T = y.shape[0]
+        if ids.dim() != 2 or ids.shape[0] != T:
+            raise BadBatch(f"batch {msg.batch_id}: expert_ids has shape {list(ids.shape)}, expected [{T}, K]")
+        if w.shape != ids.shape:
+            raise BadBatch(f"batch {msg.batch_id}: weights has shape {list(w.shape)}, "
+                           f"expected {list(ids.shape)} like expert_ids")
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise BadBatch(f"batch {msg.batch_id}: expert_ids is {_name(ids.dtype)}, expected int32")
+        if not w.dtype.is_floating_point:
+            raise BadBatch(f"batch {msg.batch_id}: weights is {_name(w.dtype)}, expected float32")
+        try:
+            self.experts.check(msg.layer, ids)
+        except KeyError as e:
+            raise BadBatch(f"batch {msg.batch_id}: {e.args[0]}") from None
+        return msg, y, ids, w
+
+    # --- compute -------------------------------------------------------------------------
+    def _compute(self, msg: pb.ExpertBatch, y: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> bytes:
+        """On the compute thread: the packed ExpertResult."""
+        with torch.inference_mode():
+            start = time.perf_counter()
+            d = self.device
+            out = self.experts.forward(msg.layer, y.to(d), ids.to(d), w.to(d))
+            if out.is_cuda:  # kernels are asynchronous; time them, not their launch
+                torch.cuda.synchronize(out.device)
+            seconds = time.perf_counter() - start
+            rows = int((ids >= 0).sum())
+        result = pb.ExpertResult(batch_id=msg.batch_id, compute_seconds=seconds, rows=rows)
+        return codec.pack(result, output=out)
+
+    def _submit(self, batch) -> asyncio.Future:
+        self.inflight += 1
+        self._idle.clear()
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, self._compute, *batch)
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, _fut) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    # --- RPCs ----------------------------------------------------------------------------
+    async def Forward(self, request, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            batch = self._prepare(request)
+        except BadBatch as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return await self._result(batch[0].batch_id, self._submit(batch), context)
+
+    async def _result(self, batch_id: int, fut: asyncio.Future, context) -> bytes:
+        try:
+            return await fut
+        except Exception as e:  # e.g. out of memory: fail this batch, keep serving
+            log.exception("batch %d failed", batch_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"batch {batch_id}: compute failed: {e}")
+
+    async def ForwardStream(self, requests, context: grpc.aio.ServicerContext) -> None:
+        # The reader queues one future per batch as it arrives, so the next batches are
+        # validated and queued while earlier ones compute. With one FIFO compute thread
+        # they finish in arrival order, so answering in that order delays none of them.
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    batch = self._prepare(request)
+                    queue.put_nowait((batch[0].batch_id, self._submit(batch)))
+                queue.put_nowait(None)
+            except Exception as e:  # answer the batches before it, then fail the stream
+                queue.put_nowait(e)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BadBatch):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
+                if isinstance(item, Exception):
+                    raise item
+                await context.write(await self._result(*item, context))
+        finally:
+            reader.cancel()
+
+    async def Info(self, request: pb.InfoRequest, context) -> pb.ShardInfo:
+        by_layer: dict[int, list[int]] = {}
+        for layer, expert in sorted(self.experts.pairs):
+            by_layer.setdefault(layer, []).append(expert)
+        return pb.ShardInfo(
+            shard_id=self.shard_id,
+            layers=[pb.LayerExperts(layer=l, experts=e) for l, e in by_layer.items()],
+            dtype=codec.wire_dtype(self.experts.dtype),
+            checkpoint_fingerprint=self.fingerprint,
+            hidden_size=self.hidden_size,
+        )
+
+    async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
+        status = pb.HealthResponse.DRAINING if self.draining else pb.HealthResponse.SERVING
+        return pb.HealthResponse(status=status, inflight_batches=self.inflight)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            # Forward paths: the request deserializer views tensors in place, the response
+            # is already bytes (serializer None passes them through).
+            "Forward": grpc.unary_unary_rpc_method_handler(self.Forward, request_deserializer=_unpack_batch),
+            "ForwardStream": grpc.stream_stream_rpc_method_handler(
+                self.ForwardStream, request_deserializer=_unpack_batch),
+            "Info": grpc.unary_unary_rpc_method_handler(
+                self.Info, request_deserializer=pb.InfoRequest.FromString,
+                response_serializer=pb.ShardInfo.SerializeToString),
+            "Health": grpc.unary_unary_rpc_method_handler(
+                self.Health, request_deserializer=pb.HealthRequest.FromString,
+                response_serializer=pb.HealthResponse.SerializeToString),
+        })
+
+
+class ShardServer:
+    """A running shard: the grpc.aio server and the servicer behind it."""
+
+    def __init__(self, server: grpc.aio.Server, servicer: ExpertShardServicer, address: str):
+        self.server, self.servicer, self.address = server, servicer, address
+
+    async def drain(self, grace: float = 10.0) -> None:
+        """Report DRAINING, let in-flight batches finish (up to grace seconds), then stop.
+
+        Batches that still arrive meanwhile are served: a sender that has not yet seen
+        DRAINING gets its answer rather than an error. gRPC's own stop then refuses new
+        calls and gives open ones another grace seconds before cancelling them."""
+        self.servicer.draining = True
+        log.info("draining %s (%d batches in flight)", self.address, self.servicer.inflight)
+        try:
+            await asyncio.wait_for(self.servicer._idle.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("%d batches still in flight after %.1fs; stopping anyway", self.servicer.inflight, grace)
+        await self.server.stop(grace)
+        self.servicer._pool.shutdown(wait=False)
+        log.info("stopped %s", self.address)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.server.stop(grace)
+        self.servicer._pool.shutdown(wait=False)
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ids(ids: list[int] | None) -> str:
+    return "all" if ids is None else "[" + ",".join(map(str, ids)) + "]"
+
+
+async def serve(model_dir: str | Path, experts: list[int], layers: list[int] | None = None, port: int = 0,
+                host: str = "127.0.0.1", device: str = "cpu", dtype: str = "auto", shard_id: str | None = None,
+                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[ShardServer, int]:
+    """Load `experts` of `layers` (None: all) from model_dir and serve them; port 0 picks one."""
+    ckpt = Checkpoint(model_dir, require_tokenizer=False)
+    cfg = ckpt.config
+    if not experts:
+        raise ValueError("a shard must hold at least one expert")
+    experts = sorted(set(experts))
+    layers = None if layers is None else sorted(set(layers))
+    pairs = [(l, e) for l in (range(cfg.num_hidden_layers) if layers is None else layers) for e in experts]
+    torch_dtype = resolve_dtype(dtype, ckpt, device)
+    weights = await asyncio.to_thread(load_experts, ckpt, pairs, torch_dtype, device)
+    shard_id = shard_id or "experts-" + "-".join(map(str, experts))
+    servicer = ExpertShardServicer(weights, cfg.hidden_size, ckpt.fingerprint(), shard_id, device)
+
+    # so_reuseport off: a second shard on a taken port must fail, not share it silently.
+    server = grpc.aio.server(options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers([servicer.handler()])
+    try:
+        bound = server.add_insecure_port(_host_port(host, port))
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot listen on {_host_port(host, port)}: {e}") from None
+    if not bound:  # older grpc versions signal failure with port 0
+        raise RuntimeError(f"cannot listen on {_host_port(host, port)}")
+    await server.start()
+    address = _host_port(host, bound)
+    log.info("expert shard %s serving %d (layer, expert) pairs, experts %s, layers %s, %s on %s, on %s",
+             shard_id, len(pairs), _ids(experts), _ids(layers), _name(torch_dtype), device, address)
+    return ShardServer(server, servicer, address), bound

@@ -1,0 +1,114 @@
+"""Experts in separate processes over real gRPC give exactly the in-process engine's tokens."""
+
+import asyncio
+
+import pytest
+import torch
+
+from attention_service.sampling_params import SamplingParams
+from cluster.config import EngineConfig
+from cluster.local import build_engine, connect_engine, split_experts
+from expert_service.launcher import start_shards
+
+PROMPTS = [[1] + list(range(500, 500 + n)) for n in (1, 9, 33, 120, 4, 60)]
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The shards share this machine's cores: an attention side spinning two threads starves them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_ckpt):
+    """Every layout at once, so the processes start in parallel: name -> addresses."""
+    layouts = {f"{g} groups": split_experts(8, g) for g in (1, 2, 4, 8)}
+    started = {name: start_shards(tiny_ckpt, groups) for name, groups in layouts.items()}
+    # Groups holding experts of only some layers: all experts of layer 0 in one, of layer 1 in another.
+    started["by layer"] = start_shards(tiny_ckpt, [list(range(8))], layers=[0]) + \
+        start_shards(tiny_ckpt, [list(range(8))], layers=[1])
+    yield {name: [s.address for s in procs] for name, procs in started.items()}
+    for procs in started.values():
+        for s in procs:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_ckpt):
+    engine, _ = build_engine(tiny_ckpt)
+    return [s.output_ids for s in asyncio.run(engine.generate(PROMPTS, GREEDY))]
+
+
+async def _generate(model, addresses, micro_batches=1, prompts=PROMPTS, params=GREEDY):
+    engine, _ = await connect_engine(model, addresses, EngineConfig(micro_batches=micro_batches))
+    try:
+        seqs = await engine.generate(prompts, params)
+        return [s.output_ids for s in seqs], engine
+    finally:
+        await engine.runner.transport.close()
+
+
+@pytest.mark.parametrize("layout,micro_batches", [
+    ("1 groups", 1), ("2 groups", 1), ("2 groups", 2), ("2 groups", 3), ("4 groups", 2),
+    ("8 groups", 1), ("8 groups", 3), ("by layer", 2)])
+def test_same_tokens_as_in_process(tiny_ckpt, shards, expected, layout, micro_batches):
+    got, engine = asyncio.run(_generate(tiny_ckpt, shards[layout], micro_batches))
+    assert got == expected
+    groups = len(shards[layout])
+    assert engine.runner.placement.num_groups == groups
+    stats = engine.runner.transport.stats
+    assert stats.rpcs > 0 and stats.failovers == 0
+    # A token goes once to each group that holds any of its experts: never more rows than K per token.
+    tokens_through_layers = sum(len(p) + 15 for p in PROMPTS) * 2
+    assert stats.rows <= tokens_through_layers * min(2, groups)
+
+
+def test_kill_a_replica_mid_generation(tiny_ckpt):
+    """Two replicas of each of two groups; one dies while requests run: same tokens, no error."""
+    procs = start_shards(tiny_ckpt, split_experts(8, 2) * 2)
+    try:
+        async def run():
+            engine, _ = await connect_engine(tiny_ckpt, [p.address for p in procs])
+            engine.runner.transport.min_rows = 1           # spread every batch over both replicas
+            seqs = [engine.add(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)) for p in PROMPTS]
+            steps = 0
+            while engine.scheduler.has_work:
+                await engine.step()
+                steps += 1
+                if steps == 5:
+                    procs[0].kill()
+            await engine.runner.transport.close()
+            return seqs, engine.runner.transport.stats
+
+        seqs, stats = asyncio.run(run())
+        engine, _ = build_engine(tiny_ckpt)
+        ref = asyncio.run(engine.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)))
+        assert [s.output_ids for s in seqs] == [r.output_ids for r in ref]
+        assert stats.failovers >= 1
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_group_with_no_live_replica_fails_clearly(tiny_ckpt):
+    procs = start_shards(tiny_ckpt, split_experts(8, 2))
+
+    async def run():
+        engine, _ = await connect_engine(tiny_ckpt, [p.address for p in procs])
+        procs[1].kill()
+        procs[1].process.wait()
+        try:
+            with pytest.raises(RuntimeError, match="expert group 1 has no live replica"):
+                await engine.generate([[1, 2, 3]], GREEDY)
+        finally:
+            await engine.runner.transport.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        for p in procs:
+            p.stop()
