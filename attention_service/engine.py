@@ -46,13 +46,16 @@ class Engine:
         bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                             f"{len(prompt_ids) + params.max_tokens} exceeds the model's context of "
-                             f"{self.max_model_len} tokens")
-        if len(prompt_ids) + params.max_tokens > self.blocks.capacity_tokens:
-            raise ValueError(f"prompt + max_tokens = {len(prompt_ids) + params.max_tokens} tokens exceeds "
-                             f"the KV cache ({self.blocks.capacity_tokens} tokens)")
+        # The model sees every prompt token and every generated one but the last, which is
+        # sampled from the positions before it: a prompt of the full context can still
+        # produce one token.
+        positions = len(prompt_ids) + params.max_tokens - 1
+        if positions > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
+                             f"{positions} positions; the model's context is {self.max_model_len} tokens")
+        if positions > self.blocks.capacity_tokens:
+            raise ValueError(f"prompt + max_tokens needs {positions} tokens of KV cache; it holds "
+                             f"{self.blocks.capacity_tokens}")
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         self.check_request(prompt_ids, params)

@@ -101,6 +101,8 @@ class Scheduler:
         touched = []
         for s, tok in zip(scheduled, sampled):
             seq = s.seq
+            if seq.is_finished:          # cancelled while its step was in flight
+                continue
             seq.num_computed += s.num_tokens
             if tok is None:
                 continue

@@ -92,7 +92,7 @@ def test_eos_and_stop_token_ids_finish_a_request(tiny_ckpt):
 
 def test_engine_refuses_what_cannot_run(tiny_ckpt):
     engine, _ = build_engine(tiny_ckpt, EngineConfig(max_model_len=64))
-    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+    with pytest.raises(ValueError, match="needs 68 positions; the model's context is 64 tokens"):
         engine.add(list(range(1, 60)), SamplingParams(max_tokens=10))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.add([1, 32000], SamplingParams())

@@ -1,0 +1,163 @@
+"""The engine as a service: submit a request, get an async stream of its tokens.
+
+One background task runs the engine's steps while any request is in flight; each request
+has its own queue of deltas. Leaving a stream early (client gone, `aclose()`, task
+cancelled) cancels the request and frees its KV blocks at once.
+
+Text is decoded incrementally (multi-byte characters are held until complete) and stop
+strings are honoured on the text: the output ends just before the first stop string,
+and text that might be the start of one is held back until it is known not to be.
+"""
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from attention_service.engine import Engine
+from attention_service.sampling_params import SamplingParams
+from attention_service.sequence import Sequence
+from attention_service.tokenizer import IncrementalDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Delta:
+    """What one request gained since the last delta."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None          # "stop", "length", "abort" or "error"
+    # Per new token: (its log-probability, [(alternative id, log-probability), ...]).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    decoder: IncrementalDecoder
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    sent_tokens: int = 0
+    held: str = ""           # decoded text not yet sent: it may begin a stop string
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer):
+        self.engine, self.tokenizer = engine, tokenizer
+        self._requests: dict[int, _Request] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Stream one request's deltas; the last one carries finish_reason. Bad input raises ValueError."""
+        seq = self.engine.add(prompt_ids, params)      # validates before any work
+        req = _Request(seq, self.tokenizer.incremental(context=prompt_ids))
+        self._requests[seq.seq_id] = req
+        self._ensure_running()
+        self._wake.set()
+        try:
+            while True:
+                delta = await req.queue.get()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            self._requests.pop(seq.seq_id, None)
+            if not seq.is_finished:
+                self.engine.cancel(seq)                # frees its blocks now
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Delta:
+        """The whole output at once, as one Delta."""
+        ids, text, lps, last = [], [], [], None
+        async for d in self.generate(prompt_ids, params):
+            ids += d.token_ids
+            text.append(d.text)
+            lps += d.logprobs or []
+            last = d
+        return Delta(ids, "".join(text), last.finish_reason, lps if params.logprobs is not None else None,
+                     last.prompt_tokens, last.completion_tokens, last.error)
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="engine-loop")
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.engine.scheduler.has_work:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                touched = await self.engine.step()
+            except Exception as e:   # a step that cannot be computed fails its requests, not the engine
+                log.exception("engine step failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+                continue
+            for seq in touched:
+                req = self._requests.get(seq.seq_id)
+                if req is not None:
+                    self._emit(req)
+            await asyncio.sleep(0)                     # let consumers and new submissions in
+
+    def _emit(self, req: _Request) -> None:
+        seq, p = req.seq, req.seq.params
+        new = seq.token_ids[seq.num_prompt_tokens + req.sent_tokens:]
+        lps = seq.logprobs[req.sent_tokens:] if p.logprobs is not None else None
+        req.sent_tokens += len(new)
+        text = req.held + req.decoder.push_many(t for t in new if not (t == self.engine.eos_id and not p.ignore_eos))
+        finish = seq.finish_reason
+        if finish is not None:
+            text += req.decoder.flush()
+        cut, hold = _stop_scan(text, p.stop)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+            self.engine.scheduler.finish(seq, "stop")
+        elif finish is None and hold:
+            text, req.held = text[:-hold], text[-hold:]
+        else:
+            req.held = ""
+        req.queue.put_nowait(Delta(new, text, finish, lps, seq.num_prompt_tokens, seq.num_output))
+
+    def _fail_all(self, message: str) -> None:
+        for req in list(self._requests.values()):
+            if not req.seq.is_finished:
+                self.engine.scheduler.finish(req.seq, "error")
+                req.queue.put_nowait(Delta([], "", "error", None, req.seq.num_prompt_tokens,
+                                           req.seq.num_output, error=message))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.engine.runner.transport.close()
+
+
+def _stop_scan(text: str, stops: list[str]) -> tuple[int | None, int]:
+    """(index where the first stop string starts, or None; chars at the end that may begin one)."""
+    if not stops:
+        return None, 0
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if found:
+        return min(found), 0
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), hold, -1):
+            if s.startswith(text[-n:]):
+                hold = n
+                break
+    return None, hold
