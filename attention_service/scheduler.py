@@ -39,9 +39,11 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        if -(-(seq.num_tokens + 1) // self.blocks.block_size) > self.blocks.num_blocks:
-            raise ValueError(f"{seq.num_tokens} tokens cannot fit in the KV cache "
-                             f"({self.blocks.capacity_tokens} token slots)")
+        # The last sampled token is never fed back, so it needs no slot.
+        most = seq.num_prompt_tokens + seq.params.max_tokens - 1
+        if most > self.blocks.capacity_tokens:
+            raise ValueError(f"{seq.num_prompt_tokens} prompt tokens + max_tokens {seq.params.max_tokens} "
+                             f"cannot fit in the KV cache ({self.blocks.capacity_tokens} token slots)")
         self.waiting.append(seq)
 
     @property
@@ -53,7 +55,7 @@ class Scheduler:
         out: list[Scheduled] = []
         preemptions_before = self.num_preemptions
         # Decoding sequences first, then the ones still feeding their prompt in.
-        for seq in sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed > 1, s.arrival)):
+        for seq in sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed > 1, s.arrival, s.seq_id)):
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:      # preempted earlier in this loop
@@ -82,7 +84,7 @@ class Scheduler:
     def _make_room(self, seq: Sequence, n: int) -> bool:
         """Preempt the newest running sequences until seq can grow by n; False if seq itself went."""
         while not self.blocks.can_allocate(seq, seq.num_computed + n):
-            victim = max((s for s in self.running if s.status is Status.RUNNING), key=lambda s: s.arrival)
+            victim = max((s for s in self.running if s.status is Status.RUNNING), key=lambda s: (s.arrival, s.seq_id))
             self._preempt(victim)
             if victim is seq:
                 return False
