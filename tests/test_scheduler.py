@@ -504,12 +504,9 @@ def test_preemption_of_a_partly_prefilled_sequence_restarts_its_prompt():
     assert p.output_ids == [1000] and a.output_ids == expected_outputs(5)
 
 
-# BUG (latent): victims are picked by `arrival` alone. Two sequences with the same arrival
-# stamp (same clock tick) make `max(..., key=arrival)` return the first of them, which can be
-# a sequence already scheduled earlier in the same step: it is preempted (blocks freed,
-# num_computed=0, moved to waiting) while its Scheduled entry stays in the step's output, so
-# the runner gets a block-less sequence and postprocess then leaves it waiting with
-# num_computed=1 and no blocks (its position-0 K/V is never recomputed).
+# Two sequences with the same arrival stamp (same clock tick): the victim must be the newer
+# by id, never one already scheduled earlier in the same step (that would hand the runner a
+# sequence without blocks and lose its computed position).
 def test_tied_arrival_never_preempts_a_sequence_already_scheduled_this_step():
     sched = make(num_blocks=3, block_size=2)
     a, b = req(2, max_tokens=4), req(2, max_tokens=4)
@@ -698,11 +695,8 @@ def test_add_accepts_what_fits_exactly_and_it_runs():
     assert s.output_ids == expected_outputs(5)
 
 
-# BUG: add() checks only the prompt (+1), not prompt + max_tokens. A request that fits at
-# first but whose generation outgrows the whole cache is accepted; once it is the only one
-# left and needs a block that does not exist, it preempts itself, and every later step finds
-# it at the head of the queue unable to be readmitted: has_work stays True forever while
-# schedule() returns [] (the Engine refuses such requests itself, but the scheduler does not).
+# A request whose generation would outgrow the whole cache must be refused at add():
+# accepted, it would preempt itself forever once alone (has_work True, schedule() empty).
 def test_add_refuses_a_request_whose_generation_cannot_fit():
     sched = make(num_blocks=2, block_size=4)
     with pytest.raises(ValueError):
