@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/moe-serve demo
+	$(VENV)/bin/moe-serve up
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

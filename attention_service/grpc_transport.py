@@ -91,7 +91,9 @@ class GrpcTransport:
 
     async def _group(self, layer: int, y: torch.Tensor, b: GroupBatch) -> torch.Tensor:
         """One group's rows, spread over its live replicas in contiguous slices."""
-        live = self.live(b.group) or self.replicas[b.group]   # all down: try them anyway, once more
+        if not self.replicas[b.group]:
+            raise ExpertGroupUnavailable(f"expert group {b.group} has no replica")
+        live = self.live(b.group) or self.replicas[b.group]   # all set aside: try them anyway, once more
         R = len(b.rows)
         n = max(1, min(len(live), R // self.min_rows))
         first = next(self._turn)

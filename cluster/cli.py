@@ -98,6 +98,79 @@ def cmd_experts(a: argparse.Namespace) -> None:
             s.stop()
 
 
+def cmd_up(a: argparse.Namespace) -> None:
+    """Deploy the app on a local Ray cluster (or join --address) and serve until interrupted."""
+    import signal
+    import time
+
+    import ray
+    from ray import serve
+
+    from cluster import app_config
+    from cluster.builder import build_app, serve_options
+    from cluster.config import ConfigError
+
+    try:
+        cfg = app_config.load(a.config) if a.config else app_config.AppConfig()
+        model = cfg.model or str(default_model())
+        app = build_app(cfg, model)
+    except (ConfigError, ValueError) as e:
+        sys.exit(f"moe-serve up: {e}")
+    if a.address:
+        ray.init(address=a.address, namespace="moe-serve", log_to_driver=a.verbose)
+    else:
+        # A local cluster on loopback; logical CPUs beyond the cores let every deployment
+        # place a replica on a small machine (they are bookkeeping, not pinning).
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=max(16, os.cpu_count() or 1), include_dashboard=False,
+                 namespace="moe-serve", log_to_driver=a.verbose)
+    serve.start(**serve_options(cfg))
+    print(f"deploying {cfg.name}: model {model}", flush=True)
+    serve.run(app, name=cfg.name, route_prefix="/", blocking=False)
+    host = "127.0.0.1" if cfg.http_host in ("0.0.0.0", "::") else cfg.http_host
+    print(f"""
+moe-serve is up.
+  OpenAI HTTP   http://{host}:{cfg.http_port}/v1   (model: see GET /v1/models)
+  gRPC          {host}:{cfg.grpc_port}   service moe_serve.generation.v1.Generation, metadata application={cfg.name}
+  try           curl http://{host}:{cfg.http_port}/v1/completions -H 'Content-Type: application/json' \
+                  -d '{{"model": "{app_name(cfg, model)}", "prompt": "Hello", "max_tokens": 16}}'
+Ctrl-C or `moe-serve down` stops it.""", flush=True)
+    if a.detach:
+        return
+    stop = False
+
+    def on_signal(*_):
+        nonlocal stop
+        stop = True
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stop:
+        time.sleep(1)
+        try:
+            if cfg.name not in serve.status().applications:     # `moe-serve down` from elsewhere
+                break
+        except Exception:
+            break
+    print("stopping", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+
+
+def app_name(cfg, model: str) -> str:
+    return cfg.model_name or model.rstrip("/").split("/")[-1]
+
+
+def cmd_down(a: argparse.Namespace) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        ray.init(address=a.address or "auto", namespace="moe-serve", log_to_driver=False)
+    except (ConnectionError, RuntimeError) as e:
+        sys.exit(f"moe-serve down: no running cluster found ({e})")
+    serve.shutdown()
+    print("moe-serve stopped")
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from attention_service.sampling_params import SamplingParams
     from cluster.local import build_engine
@@ -163,6 +236,20 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--replicas", type=int, default=1, help="processes per group (default: 1)")
     x.add_argument("--host", default="127.0.0.1")
     x.set_defaults(fn=cmd_experts)
+
+    u = sub.add_parser("up", help="deploy the Ray Serve app and serve OpenAI HTTP and gRPC",
+                       description="Start a local Ray cluster (or join one with --address), deploy the attention "
+                                   "and expert-group deployments and the front door, and print where to call it. "
+                                   "With no config it serves the embedded tiny model: 1 attention replica, 2 expert "
+                                   "groups, on CPU.")
+    u.add_argument("--config", help="YAML app config (see README: configuration)")
+    u.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    u.add_argument("--detach", action="store_true", help="return once deployed (with --address: leave it running)")
+    u.set_defaults(fn=cmd_up)
+
+    dn = sub.add_parser("down", help="stop the app (and Serve) on the running cluster")
+    dn.add_argument("--address", help="the Ray cluster (default: the local one)")
+    dn.set_defaults(fn=cmd_down)
 
     d = sub.add_parser("demo", help="generate offline with the embedded tiny model")
     engine_args(d)

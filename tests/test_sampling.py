@@ -47,7 +47,8 @@ def test_low_temperature_approaches_greedy():
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
-                                 dict(top_k=-2), dict(logprobs=99), dict(stop=[""])])
+                                 dict(top_k=-2), dict(logprobs=99), dict(stop=[""]),
+                                 dict(temperature=float("nan")), dict(top_p=float("inf"))])
 def test_bad_params_are_refused_with_the_field_named(bad):
     field = next(iter(bad))
     with pytest.raises(ValueError, match=field):

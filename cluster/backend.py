@@ -1,0 +1,142 @@
+"""What the front door (OpenAI HTTP, public gRPC) needs from an engine, wherever it runs.
+
+The same route code serves an engine in this process (`LocalBackend`: tests, running
+without Ray) and one behind a Ray Serve `DeploymentHandle`, where deltas arrive as
+plain dicts and errors arrive re-raised from another process. So requests are checked
+here, before dispatch, and `open_stream` waits for the first delta: input the engine
+alone can refuse (a KV cache too small) still fails before any response is sent, and
+the caller can answer with a clean 400 / INVALID_ARGUMENT instead of a broken stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Protocol
+
+import anyio
+
+from attention_service.async_engine import AsyncEngine, Delta
+from attention_service.sampling_params import SamplingParams
+from attention_service.tokenizer import Tokenizer
+from cluster.config import EngineConfig
+
+_DELTA_FIELDS = {f.name for f in fields(Delta)}
+
+
+class Backend(Protocol):
+    model_name: str          # what /v1/models lists and requests must name
+    tokenizer: Tokenizer
+    max_model_len: int
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta | dict]:
+        """One request's deltas, the last with finish_reason; bad input raises ValueError."""
+        ...
+
+
+class LocalBackend:
+    """An `AsyncEngine` in this process. Its engine loop binds to the event loop that first streams."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str):
+        self.engine, self.model_name = engine, model_name
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str | Path, cfg: EngineConfig | None = None, groups: int = 1,
+                        model_name: str | None = None) -> LocalBackend:
+        """Load the checkpoint with every expert in-process; served under the folder's name by default."""
+        from cluster.local import build_engine
+
+        engine, tok = build_engine(model_dir, cfg or EngineConfig(), groups)
+        return cls(AsyncEngine(engine, tok), model_name or Path(model_dir).resolve().name)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        return self.engine.generate(prompt_ids, params)
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+
+def getter(backend: Backend | Callable[[], Backend]) -> Callable[[], Backend]:
+    """A backend, or a function giving the current one (built after the routes are), as a function."""
+    return (lambda: backend) if hasattr(backend, "stream") else backend
+
+
+def as_delta(x: Delta | dict) -> Delta:
+    """A Delta, from either itself or its fields as a dict (what crosses a Ray handle)."""
+    if isinstance(x, Delta):
+        return x
+    d = {k: v for k, v in x.items() if k in _DELTA_FIELDS}
+    if d.get("logprobs") is not None:       # tuples may have become lists on the way
+        d["logprobs"] = [(lp, [tuple(a) for a in alts]) for lp, alts in d["logprobs"]]
+    return Delta(**d)
+
+
+def usage(d: Delta) -> dict:
+    """OpenAI's usage object from the counts on a (last) delta."""
+    return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
+            "total_tokens": d.prompt_tokens + d.completion_tokens}
+
+
+def token_text(tok: Tokenizer, token_id: int) -> str:
+    """How a token reads in logprobs: its vocabulary piece, SentencePiece's word marker as a space."""
+    return tok.piece(token_id).replace("\u2581", " ")
+
+
+def check_prompt(backend: Backend, prompt_ids: list[int], params: SamplingParams) -> None:
+    """Refuse what the engine would refuse, in its words, before anything is dispatched."""
+    if not prompt_ids:
+        raise ValueError("prompt is empty")
+    vocab = backend.tokenizer.vocab_size
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+    # The last generated token needs no position of its own (see Engine.check_request).
+    positions = len(prompt_ids) + params.max_tokens - 1
+    if positions > backend.max_model_len:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
+                         f"{positions} positions; the model's context is {backend.max_model_len} tokens")
+
+
+def room_left(backend: Backend, prompt_ids: list[int]) -> int:
+    """The largest max_tokens the context allows: the default when a request sets none."""
+    return max(1, backend.max_model_len - len(prompt_ids) + 1)
+
+
+async def open_stream(backend: Backend, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    """Check, dispatch and wait for the first delta; ValueError here means bad input.
+
+    The returned generator must be closed (`aclose()`) by whoever stops reading it early;
+    closing it cancels the request in the engine.
+    """
+    check_prompt(backend, prompt_ids, params)
+    it = aiter(backend.stream(prompt_ids, params))
+    try:
+        first = as_delta(await anext(it))
+    except BaseException:
+        await close_quietly(it)
+        raise
+    return _chain(first, it)
+
+
+async def _chain(first: Delta, rest: AsyncIterator) -> AsyncIterator[Delta]:
+    try:
+        yield first
+        if first.finish_reason is None:
+            async for x in rest:
+                yield as_delta(x)
+    finally:
+        await close_quietly(rest)
+
+
+async def close_quietly(it: Any) -> None:
+    """Close an async iterator even inside a cancelled task (Starlette cancels on disconnect)."""
+    aclose = getattr(it, "aclose", None)
+    if aclose is None:
+        return
+    with anyio.CancelScope(shield=True):
+        try:
+            await aclose()
+        except Exception:
+            pass

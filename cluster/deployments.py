@@ -1,0 +1,123 @@
+"""The Ray Serve deployments: thin wrappers that build the plain services and hand them work.
+
+    Frontend (ingress: OpenAI HTTP, gRPC Generation) --handle, streaming--> Attention
+    Attention --gRPC ExpertShard--> ExpertGroup-0 .. ExpertGroup-(G-1)
+
+Each ExpertGroup replica runs an ExpertShard gRPC server on a free port and registers it
+with the endpoint directory; Attention replicas follow the directory. The deployment
+options (replicas, GPUs, resources) are bound in cluster/builder.py, nowhere else.
+"""
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+import msgspec
+import ray
+from ray import serve
+
+from attention_service.async_engine import AsyncEngine
+from attention_service.engine import Engine
+from attention_service.grpc_transport import GrpcTransport
+from attention_service.loader import load_attention_model
+from attention_service.sampling_params import SamplingParams
+from attention_service.tokenizer import Tokenizer
+from cluster.checkpoint import Checkpoint, resolve_dtype
+from cluster.config import EngineConfig
+from cluster.directory import get_directory
+from expert_service.server import serve as serve_shard
+from router.dispatch import Placement
+
+log = logging.getLogger("ray.serve")
+
+
+class ExpertGroup:
+    """One replica of an expert group: an ExpertShard gRPC server, registered in the directory."""
+
+    async def __init__(self, model: str, group: int, experts: list[int], layers: list[int] | None,
+                   device: str, dtype: str, directory: str):
+        host = ray.util.get_node_ip_address()
+        self.shard, port = await serve_shard(model, experts, layers, port=0, host=host, device=device,
+                                             dtype=dtype, shard_id=f"g{group}")
+        self.group, self.address = group, f"{host}:{port}"
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.directory = get_directory(directory)
+        await self.directory.register.remote(group, self.replica, self.address)
+        self._renew = asyncio.get_running_loop().create_task(self._keep_registered())
+
+    async def _keep_registered(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.directory.register.remote(self.group, self.replica, self.address)
+            except Exception:   # the directory restarts on failure; the next beat re-registers
+                log.warning("expert group %d: directory unreachable", self.group)
+
+    def describe(self) -> dict:
+        return {"group": self.group, "address": self.address, "node_id": ray.get_runtime_context().get_node_id()}
+
+    async def check_health(self) -> None:
+        if self.shard.servicer.draining:
+            raise RuntimeError("draining")
+
+    async def __del__(self):
+        """Stop taking batches, finish the ones in flight, then go."""
+        self._renew.cancel()
+        try:
+            await self.directory.unregister.remote(self.replica)
+        finally:
+            await self.shard.drain()
+
+
+class Attention:
+    """One attention shard: the engine, its KV cache, and gRPC clients of every expert group."""
+
+    async def __init__(self, model: str, engine: dict, groups: list[dict], directory: str,
+                   experts: list | None = None, wait_for_experts_s: float = 300.0):
+        # `experts` are the ExpertGroup deployments' handles: bound here so that Serve deploys
+        # them with the app; the data path reaches them over gRPC, not through Serve.
+        cfg = msgspec.convert(engine, EngineConfig)
+        ckpt = Checkpoint(model)
+        mc = ckpt.config
+        placement = Placement.from_groups(
+            [[(l, e) for l in (g["layers"] if g["layers"] is not None else range(mc.num_hidden_layers))
+              for e in g["experts"]] for g in groups], mc.num_hidden_layers, mc.num_local_experts)
+        self.directory = get_directory(directory)
+        version, addresses = await self._wait_for_experts(len(groups), wait_for_experts_s)
+        self.transport = GrpcTransport([addresses.get(g, []) for g in range(len(groups))])
+        attention = load_attention_model(ckpt, resolve_dtype(cfg.dtype, ckpt, cfg.device), cfg.device)
+        engine_ = Engine(attention, self.transport, placement, cfg, eos_id=mc.eos_token_id)
+        self.engine = AsyncEngine(engine_, Tokenizer.from_checkpoint(ckpt))
+        self._follow = asyncio.get_running_loop().create_task(self._follow_directory(version, len(groups)))
+
+    async def _wait_for_experts(self, num_groups: int, timeout: float):
+        deadline = time.monotonic() + timeout
+        version, addresses = await self.directory.snapshot.remote()
+        while any(not addresses.get(g) for g in range(num_groups)):
+            if time.monotonic() > deadline:
+                missing = [g for g in range(num_groups) if not addresses.get(g)]
+                raise RuntimeError(f"expert groups {missing} have no registered replica after {timeout:.0f} s")
+            version, addresses = await self.directory.wait_for_change.remote(version, 2.0)
+        return version, addresses
+
+    async def _follow_directory(self, version: int, num_groups: int) -> None:
+        while True:
+            try:
+                version, addresses = await self.directory.wait_for_change.remote(version, 10.0)
+                for g in range(num_groups):
+                    self.transport.set_replicas(g, addresses.get(g, []))
+            except Exception:
+                log.exception("following the endpoint directory")
+                await asyncio.sleep(1.0)
+
+    async def generate(self, prompt_ids: list[int], params: dict):
+        """Stream a request's deltas as plain dicts (they cross process boundaries)."""
+        async for delta in self.engine.generate(prompt_ids, SamplingParams(**params)):
+            yield dataclasses.asdict(delta)
+
+    def load(self) -> dict:
+        e = self.engine.engine
+        return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
+                "kv_usage": e.blocks.usage, "expert_replicas": [len(r) for r in self.transport.replicas],
+                "failovers": self.transport.stats.failovers, "node_id": ray.get_runtime_context().get_node_id()}

@@ -1,0 +1,68 @@
+"""The front door: OpenAI-compatible HTTP and the gRPC Generation service, on Ray Serve.
+
+Text becomes token ids here (the tokenizer needs no model), requests are checked here,
+and tokens stream back from an Attention replica through a DeploymentHandle.
+"""
+
+from typing import AsyncIterator
+
+import msgspec
+from fastapi import FastAPI
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from attention_service.sampling_params import SamplingParams
+from attention_service.tokenizer import Tokenizer
+from cluster import grpc_api
+from cluster.backend import Backend
+from cluster.openai_api import add_openai_routes
+
+app = FastAPI(title="moe-serve")
+_replica: dict[str, Backend] = {}
+
+
+def current_backend() -> Backend:
+    # A named module function travels by reference when Serve ships the app to a replica,
+    # so it reads that replica's module state (a lambda would carry a copy of the dict).
+    return _replica["backend"]
+
+
+add_openai_routes(app, current_backend)
+
+
+class ServeBackend:
+    """Streams from the Attention deployment; closing the stream cancels the request there."""
+
+    def __init__(self, attention: DeploymentHandle, tokenizer: Tokenizer, model_name: str, max_model_len: int):
+        self.attention = attention.options(stream=True)
+        self.tokenizer, self.model_name, self.max_model_len = tokenizer, model_name, max_model_len
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[dict]:
+        gen = self.attention.generate.remote(prompt_ids, msgspec.to_builtins(params))
+        done = False
+        try:
+            async for delta in gen:
+                done = delta.get("finish_reason") is not None
+                yield delta
+        finally:
+            if not done:
+                gen.cancel()
+
+
+@serve.ingress(app)
+class Frontend:
+    def __init__(self, attention: DeploymentHandle, model: str, model_name: str, max_model_len: int):
+        self.backend = ServeBackend(attention, Tokenizer.from_checkpoint(model), model_name, max_model_len)
+        _replica["backend"] = self.backend
+
+    async def Generate(self, request, grpc_context=None):
+        """gRPC Generation.Generate, called by Serve's gRPC proxy: a stream of GenerateResponse."""
+        try:
+            async for response in grpc_api.generate(self.backend, request):
+                yield response
+        except grpc_api.RpcError as e:
+            # Serve's proxy keeps a status set on the context before the method raises.
+            if grpc_context is not None:
+                grpc_context.set_code(e.code)
+                grpc_context.set_details(e.message)
+            raise

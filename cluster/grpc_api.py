@@ -1,0 +1,120 @@
+"""The public `Generation` gRPC service: one streamed generation per call.
+
+`generate(backend, request)` holds the logic and raises `RpcError` (a status code and
+a message) for input it refuses; `GenerationServicer` serves it from a plain grpc.aio
+server, and a Ray Serve ingress calls it from its own `Generate` method.
+
+Unset optional fields follow the proto's comments: unset `max_tokens` runs to EOS, a
+stop condition or the end of the context; unset `temperature`, `top_p` and `top_k` take
+the OpenAI defaults (1.0, 1.0, no cut), so an empty request samples as /v1/completions
+does; unset `seed` draws a fresh one; unset `logprobs` returns none.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from typing import AsyncIterator, Callable
+
+import grpc
+
+from attention_service.sampling_params import SamplingParams
+from cluster.backend import Backend, close_quietly, getter, open_stream, room_left
+from protos import generation_pb2 as pb
+from protos import generation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class RpcError(Exception):
+    """Ends a call with this status; the message says what was wrong."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(code, message)     # both in args: it pickles, as Ray Serve ships it between processes
+        self.code, self.message = code, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def to_engine_request(backend: Backend, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+    """Prompt ids and sampling parameters, or RpcError (NOT_FOUND, INVALID_ARGUMENT)."""
+    if request.model and request.model != backend.model_name:
+        raise RpcError(grpc.StatusCode.NOT_FOUND,
+                       f"model {request.model!r} does not exist; this server serves {backend.model_name!r}")
+    which = request.WhichOneof("prompt")
+    if which is None:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "request has no prompt: set text or token_ids")
+    ids = backend.tokenizer.encode(request.text) if which == "text" else list(request.token_ids.ids)
+
+    def opt(name: str, default):
+        return getattr(request, name) if request.HasField(name) else default
+
+    for name in ("temperature", "top_p"):
+        if request.HasField(name) and not math.isfinite(getattr(request, name)):
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} must be a finite number")
+    try:
+        params = SamplingParams(
+            max_tokens=opt("max_tokens", room_left(backend, ids)),
+            temperature=opt("temperature", 1.0), top_p=opt("top_p", 1.0), top_k=opt("top_k", 0),
+            seed=opt("seed", None), stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
+            ignore_eos=request.ignore_eos, logprobs=opt("logprobs", None))
+    except ValueError as e:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    return ids, params
+
+
+async def generate(backend: Backend, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+    """Stream responses for one request. Refusals raise RpcError before the first response;
+    an engine failure mid-stream raises RpcError(INTERNAL) after the responses already sent."""
+    ids, params = to_engine_request(backend, request)
+    try:
+        stream = await open_stream(backend, ids, params)
+    except ValueError as e:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    except Exception as e:
+        log.exception("generation failed to start")
+        raise RpcError(grpc.StatusCode.INTERNAL, f"generation failed: {e}") from None
+    rid = request.request_id or f"gen-{uuid.uuid4().hex}"
+    try:
+        async for d in stream:
+            if d.finish_reason == "error":
+                raise RpcError(grpc.StatusCode.INTERNAL, f"generation failed: {d.error}")
+            lps = [pb.TokenLogprob(logprob=lp, top_token_ids=[i for i, _ in alts], top_logprobs=[v for _, v in alts])
+                   for lp, alts in d.logprobs or []]
+            yield pb.GenerateResponse(
+                request_id=rid, token_ids=d.token_ids, text=d.text, finish_reason=d.finish_reason or "",
+                usage=pb.Usage(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens),
+                logprobs=lps)
+    except RpcError:
+        raise
+    except Exception as e:       # a remote engine lost mid-stream
+        log.exception("generation failed")
+        raise RpcError(grpc.StatusCode.INTERNAL, f"generation failed: {e}") from None
+    finally:
+        await close_quietly(stream)
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    """For a plain grpc.aio server; takes a backend or a function returning one."""
+
+    def __init__(self, backend: Backend | Callable[[], Backend]):
+        self._get = getter(backend)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            async for response in generate(self._get(), request):
+                yield response
+        except RpcError as e:
+            await context.abort(e.code, e.message)
+
+
+async def start_grpc_server(backend: Backend | Callable[[], Backend],
+                            address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
+    """A started grpc.aio server with the Generation service, and the port it bound."""
+    server = grpc.aio.server()
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(backend), server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    return server, port

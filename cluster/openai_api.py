@@ -1,0 +1,307 @@
+"""OpenAI-compatible HTTP routes: /v1/completions, /v1/chat/completions, /v1/models, /health.
+
+Routes reach the engine only through a `Backend`, fetched per request from
+`get_backend()`, so a Ray Serve ingress can mount them on its FastAPI app at import time
+and supply the backend once its replica is built. Bodies are parsed here rather than by
+FastAPI so that every failure (bad JSON, a missing content-type, a wrong field) gets
+OpenAI's error body and a 400, with the offending field named in `param`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from starlette.background import BackgroundTask
+
+from attention_service.async_engine import Delta
+from attention_service.sampling_params import SamplingParams
+from cluster import chat
+from cluster.backend import Backend, close_quietly, getter, open_stream, room_left, token_text, usage
+
+log = logging.getLogger(__name__)
+
+# Accepted for compatibility, but only at their defaults: anything else would silently differ.
+_ONLY_DEFAULT = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+                 "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {})}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    # Unknown OpenAI fields are ignored, as OpenAI does. Python's json reads NaN and 1e999, and a
+    # NaN temperature would fail the engine step of every request sharing it.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None                   # extension
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None    # extension
+    ignore_eos: bool = False                   # extension
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        # Some clients send every field, unset ones as null: they mean the default.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+def build_openai_app(backend: Backend | Callable[[], Backend]) -> FastAPI:
+    """A standalone app over one backend (or a getter, for a backend built at startup)."""
+    app = FastAPI(title="moe-serve")
+    add_openai_routes(app, getter(backend))
+    return app
+
+
+def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
+    """Mount the routes, and the handlers that give every error OpenAI's body, on `app`."""
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        # Starlette still logs the traceback; the client gets the same error shape as for everything else.
+        err = APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        b = get_backend()
+        return {"object": "list", "data": [{"id": b.model_name, "object": "model", "created": _STARTED,
+                                            "owned_by": "moe-serve", "max_model_len": b.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        b = get_backend()
+        req = await _parse(request, CompletionRequest, b)
+        p = req.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise APIError(400, "batched prompts are not supported: send one prompt per request", "prompt")
+            p = p[0]
+        ids = b.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        params = _params(req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs)
+        return await _respond(request, b, req, ids, params, _CompletionReply(b, req))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        b = get_backend()
+        req = await _parse(request, ChatRequest, b)
+        try:
+            ids = chat.chat_prompt(b.tokenizer, req.messages, req.tools, req.tool_choice)
+        except chat.ChatError as e:
+            raise APIError(400, str(e), e.param) from None
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        lps = (req.top_logprobs or 0) if req.logprobs else None
+        params = _params(req, limit if limit is not None else room_left(b, ids), lps)
+        reply = chat.ChatReply(b.model_name, b.tokenizer, req.tools, req.tool_choice, req.logprobs)
+        return await _respond(request, b, req, ids, params, reply)
+
+
+_STARTED = int(time.time())
+
+
+async def _parse(request: Request, model: type[_Sampling], backend: Backend) -> Any:
+    try:
+        data = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    try:
+        req = model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"][:1]) or None
+        raise APIError(400, f"{field or 'body'}: {err['msg']}", field) from None
+    if req.model != backend.model_name:
+        raise APIError(404, f"model {req.model!r} does not exist; this server serves {backend.model_name!r}",
+                       "model", "model_not_found")
+    for name, allowed in _ONLY_DEFAULT.items():
+        if getattr(req, name, None) not in allowed:
+            raise APIError(400, f"{name}={getattr(req, name)!r} is not supported (only {allowed[1]!r})", name)
+    return req
+
+
+def _params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
+            top_k=0 if req.top_k in (None, -1) else req.top_k,      # -1 is vLLM's "no cut"
+            stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+            stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs)
+    except ValueError as e:
+        # SamplingParams' messages start with the field's name ("max_tokens must be ...").
+        field = str(e).split()[0]
+        if isinstance(req, ChatRequest) and field == "logprobs":
+            field = "top_logprobs"
+        raise APIError(400, str(e), field) from None
+
+
+async def _respond(request: Request, b: Backend, req: _Sampling, ids: list[int], params: SamplingParams,
+                   reply: _CompletionReply | chat.ChatReply) -> Response:
+    try:
+        stream = await open_stream(b, ids, params)
+    except ValueError as e:
+        code = "context_length_exceeded" if "context" in str(e) else None
+        raise APIError(400, str(e), "messages" if isinstance(req, ChatRequest) else "prompt", code) from None
+    except Exception as e:
+        log.exception("generation failed to start")
+        raise APIError(500, f"generation failed: {e}", type="server_error") from None
+    if req.stream:
+        with_usage = req.stream_options is not None and req.stream_options.include_usage
+        body = _sse(stream, reply, with_usage)
+
+        async def close() -> None:    # Starlette stops iterating on disconnect but never closes it
+            await body.aclose()
+        return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(close))
+    try:
+        deltas = await _until_disconnect(request, _collect(stream))
+    except Exception as e:
+        log.exception("generation failed")
+        raise APIError(500, f"generation failed: {e}", type="server_error") from None
+    if deltas is None:
+        return Response(status_code=499)       # nobody is listening; the request was cancelled
+    last = deltas[-1]
+    if last.finish_reason == "error":
+        raise APIError(500, f"generation failed: {last.error}", type="server_error")
+    return JSONResponse(reply.whole(deltas))
+
+
+async def _collect(stream: AsyncIterator[Delta]) -> list[Delta]:
+    try:
+        return [d async for d in stream]
+    finally:
+        await close_quietly(stream)
+
+
+async def _until_disconnect(request: Request, coro) -> Any:
+    """Run coro, cancelling it if the client goes away first (then None)."""
+    work = asyncio.ensure_future(coro)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        work.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            return None
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def _sse(stream: AsyncIterator[Delta], reply: _CompletionReply | chat.ChatReply,
+               with_usage: bool) -> AsyncIterator[str]:
+    def event(obj: dict) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    try:
+        try:
+            last = None
+            for chunk in reply.opening():
+                yield event(chunk)
+            async for d in stream:
+                last = d
+                if d.finish_reason == "error":
+                    yield event(APIError(500, f"generation failed: {d.error}", type="server_error").body())
+                    break
+                for chunk in reply.chunks(d):
+                    yield event(chunk)
+            if with_usage and last is not None and last.finish_reason != "error":
+                yield event(reply.usage_chunk(last))
+        except Exception as e:     # a remote engine lost mid-stream: tell the client, then end cleanly
+            log.exception("stream failed")
+            yield event(APIError(500, f"generation failed: {e}", type="server_error").body())
+        yield "data: [DONE]\n\n"
+    finally:
+        await close_quietly(stream)
+
+
+class _CompletionReply:
+    """The /v1/completions response, whole or as stream chunks."""
+
+    def __init__(self, b: Backend, req: CompletionRequest):
+        self.model, self.tok, self.want_logprobs = b.model_name, b.tokenizer, req.logprobs is not None
+        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.offset = 0          # text_offset of the next token, in characters of the completion
+
+    def envelope(self, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def logprobs(self, ids: list[int], lps: list | None) -> dict | None:
+        if not self.want_logprobs or lps is None:
+            return None
+        toks = [token_text(self.tok, t) for t in ids]
+        offsets = []
+        for t in toks:
+            offsets.append(self.offset)
+            self.offset += len(t)
+        return {"tokens": toks, "token_logprobs": [lp for lp, _ in lps],
+                "top_logprobs": [{token_text(self.tok, i): v for i, v in alts} for _, alts in lps],
+                "text_offset": offsets}
+
+    def opening(self) -> list[dict]:
+        return []
+
+    def chunks(self, d: Delta) -> list[dict]:
+        lp = self.logprobs(d.token_ids, d.logprobs)
+        if not d.text and d.finish_reason is None and lp is None:
+            return []
+        return [self.envelope([{"index": 0, "text": d.text, "finish_reason": d.finish_reason, "logprobs": lp}])]
+
+    def usage_chunk(self, last: Delta) -> dict:
+        return self.envelope([], usage=usage(last))
+
+    def whole(self, deltas: list[Delta]) -> dict:
+        lp = self.logprobs([t for d in deltas for t in d.token_ids], [x for d in deltas for x in d.logprobs or []])
+        choice = {"index": 0, "text": "".join(d.text for d in deltas), "finish_reason": deltas[-1].finish_reason,
+                  "logprobs": lp}
+        return self.envelope([choice], usage=usage(deltas[-1]))
