@@ -91,12 +91,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_cache[meta.slot_mapping] = k
     v_cache[meta.slot_mapping] = v
     out = torch.empty_like(q)
+    KVH, Dh = k_cache.shape[1:]
     for b in meta.decode:
-        kb = k_cache[b.slots].transpose(1, 2)                        # [B, KVH, Lmax, Dh]
-        vb = v_cache[b.slots].transpose(1, 2)
-        qb = q[b.rows].unsqueeze(2)                                  # [B, H, 1, Dh]
-        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=b.mask, enable_gqa=True)
-        out[b.rows] = ob.squeeze(2)
+        B, Lmax = b.slots.shape
+        # index_select over flat slots reads the cache about twice as fast as fancy indexing.
+        kb = k_cache.index_select(0, b.slots.flatten()).view(B, Lmax, KVH, Dh).transpose(1, 2)  # [B, KVH, Lmax, Dh]
+        vb = v_cache.index_select(0, b.slots.flatten()).view(B, Lmax, KVH, Dh).transpose(1, 2)
+        # One token per sequence: the H/KVH query heads sharing a KV head are its "queries",
+        # so K/V are never expanded to H heads.
+        qb = q[b.rows].view(B, KVH, -1, Dh)                          # [B, KVH, H/KVH, Dh]
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=b.mask)
+        out[b.rows] = ob.reshape(B, -1, Dh)
     for p in meta.prefill:
         L = len(p.slots)
         qp = q[p.start:p.start + p.q].transpose(0, 1)                # [H, q, Dh]

@@ -98,8 +98,16 @@ def cmd_experts(a: argparse.Namespace) -> None:
             s.stop()
 
 
+def _loopback_ray() -> None:
+    """A local cluster stays on 127.0.0.1: without this Ray rewrites loopback addresses into
+    the host's interface address when a driver connects. Must run before ray is imported."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def cmd_up(a: argparse.Namespace) -> None:
     """Deploy the app on a local Ray cluster (or join --address) and serve until interrupted."""
+    if not a.address:
+        _loopback_ray()
     import signal
     import time
 
@@ -160,6 +168,8 @@ def app_name(cfg, model: str) -> str:
 
 
 def cmd_down(a: argparse.Namespace) -> None:
+    if not a.address:
+        _loopback_ray()
     import ray
     from ray import serve
 

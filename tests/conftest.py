@@ -10,6 +10,9 @@ import os
 
 # The oracle loads local folders only; never let it wait on an unreachable hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Test clusters are single-machine and on loopback: without this Ray rewrites 127.0.0.1
+# into the host's interface address when a driver connects (read when ray is imported).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 from pathlib import Path
 
 import pytest
