@@ -1,0 +1,167 @@
+"""Small helpers shared by the benchmarks in bench/: checkpoint cache, workload, timing, report.
+
+The machine these run on is shared, so every timed run also records how much CPU other
+processes used meanwhile (`Sample.others_cpu_s`, from /proc/stat): with torch using every
+core, any outside load slows a run down many times over (OpenMP waits at each barrier for
+the thread that was descheduled), and such a run says nothing about the code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:          # run as `python bench/x.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+OUT_DIR = REPO / "bench" / "out"
+CACHE_DIR = Path(os.environ.get("MOE_SERVE_BENCH_CACHE", Path.home() / ".cache" / "moe-serve" / "bench"))
+
+# A run is "contended" when other processes used more than this share of one core on average.
+CONTENDED_SHARE = 0.2
+
+
+def checkpoint(preset_name: str = "bench", seed: int = 0) -> Path:
+    """A random-weight checkpoint of the preset, written once into the cache and reused
+    (rewritten if the preset's config has changed since)."""
+    import msgspec
+
+    from cluster.config import preset
+    from cluster.make_checkpoint import write_random_checkpoint
+
+    cfg = preset(preset_name)
+    stamp = json.dumps({"config": msgspec.to_builtins(cfg), "seed": seed}, sort_keys=True)
+    out = CACHE_DIR / (f"{preset_name}-ckpt" if seed == 0 else f"{preset_name}-seed{seed}-ckpt")
+    done = out / ".complete"
+    if not done.exists() or done.read_text() != stamp:
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_random_checkpoint(cfg, tmp, seed=seed)
+        (tmp / ".complete").write_text(stamp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
+def random_prompts(n: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """n prompts of lengths uniform in [min_len, max_len]: BOS (1) then ids from [3, vocab)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()
+    return [[1] + torch.randint(3, vocab, (k - 1,), generator=g).tolist() for k in lens]
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat") as f:
+        c = [int(x) for x in f.readline().split()[1:]]
+    return (sum(c[:3]) + sum(c[5:8])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Sample:
+    wall_s: float
+    own_cpu_s: float
+    others_cpu_s: float
+    aborted: bool = False      # stopped early because other processes took the CPU: no figure
+
+    @property
+    def contended(self) -> bool:
+        return self.aborted or self.others_cpu_s > CONTENDED_SHARE * self.wall_s
+
+    def as_dict(self) -> dict:
+        return {"wall_s": round(self.wall_s, 3), "own_cpu_s": round(self.own_cpu_s, 2),
+                "others_cpu_s": round(self.others_cpu_s, 2), "contended": self.contended, "aborted": self.aborted}
+
+
+class Aborted(Exception):
+    """A run stopped by its watchdog."""
+
+
+def timed(fn, abortable: bool = False, grace_s: float = 5.0) -> tuple[object, Sample]:
+    """Run fn(abort) once -> (its result, Sample); abort is a threading.Event that fn should
+    poll and answer by raising Aborted. When abortable, a watchdog sets it as soon as other
+    processes have used more than CONTENDED_SHARE of a core over max(elapsed, grace_s)."""
+    abort, done = threading.Event(), threading.Event()
+    b0, c0 = _busy_cpu_s(), sum(os.times()[:4])
+    t0 = time.perf_counter()
+
+    def others() -> float:
+        return max(0.0, _busy_cpu_s() - b0 - (sum(os.times()[:4]) - c0))
+
+    def watch() -> None:
+        while not done.wait(0.25):
+            if others() > CONTENDED_SHARE * max(time.perf_counter() - t0, grace_s):
+                abort.set()
+                return
+
+    dog = threading.Thread(target=watch, daemon=True)
+    if abortable:
+        dog.start()
+    try:
+        result = fn(abort)
+        stopped = False
+    except Aborted:
+        result, stopped = None, True
+    finally:
+        done.set()
+        if abortable:
+            dog.join()
+    wall = time.perf_counter() - t0
+    return result, Sample(wall, sum(os.times()[:4]) - c0, others(), aborted=stopped)
+
+
+def wait_for_quiet(max_wait_s: float, window_s: float = 1.0) -> float:
+    """Wait (up to max_wait_s) for a window_s-long stretch in which other processes use less than
+    CONTENDED_SHARE of a core; call it with nothing of ours running. -> seconds waited."""
+    t0 = time.perf_counter()
+    while True:
+        b0 = _busy_cpu_s()
+        time.sleep(window_s)
+        if _busy_cpu_s() - b0 < CONTENDED_SHARE * window_s or time.perf_counter() - t0 >= max_wait_s:
+            return time.perf_counter() - t0
+
+
+def median_wall(samples: list[Sample]) -> tuple[float, int, bool]:
+    """Median wall time over the uncontended samples, or over the completed ones if none is
+    uncontended -> (median, number of samples it is over, whether they were uncontended)."""
+    clean = [s.wall_s for s in samples if not s.contended]
+    if clean:
+        return statistics.median(clean), len(clean), True
+    done = [s.wall_s for s in samples if not s.aborted]
+    return (statistics.median(done) if done else float("nan")), len(done), False
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    info = {"cpu": platform.processor() or "unknown", "cores": os.cpu_count(), "gpu": "none",
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+        with open("/proc/meminfo") as f:
+            info["ram_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_json(name: str, data: dict) -> Path:
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / name
+    path.write_text(json.dumps(data, indent=2, default=lambda o: o.as_dict() if isinstance(o, Sample) else str(o)) + "\n")
+    return path
