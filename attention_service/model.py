@@ -102,4 +102,5 @@ class AttentionModel:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, D] (last positions) -> logits [B, V] in fp32."""
-        return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head).float()
+        # W [V, D] @ x.T streams the vocabulary-sized weight faster than x @ W.T for small B.
+        return (self.lm_head @ rms_norm(x, self.norm, self.eps).T).T.float()
