@@ -13,7 +13,7 @@ from attention_service.block_manager import BlockManager
 from attention_service.kv_cache import KVCache
 from attention_service.model import AttentionModel
 from attention_service.model_runner import ModelRunner
-from attention_service.sampling_params import SamplingParams
+from attention_service.sampling_params import SamplingParams, check_prompt
 from attention_service.scheduler import Scheduled, Scheduler
 from attention_service.sequence import Sequence
 from attention_service.transport import ExpertTransport
@@ -39,20 +39,8 @@ class Engine:
         self.runner = ModelRunner(model, self.kv, transport, placement, cfg.micro_batches)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Refuse, before any work, what cannot run: empty or out-of-vocab prompts, too long a context."""
-        if not prompt_ids:
-            raise ValueError("prompt is empty")
-        vocab = self.model.cfg.vocab_size
-        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        # The model sees every prompt token and every generated one but the last, which is
-        # sampled from the positions before it: a prompt of the full context can still
-        # produce one token.
-        positions = len(prompt_ids) + params.max_tokens - 1
-        if positions > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
-                             f"{positions} positions; the model's context is {self.max_model_len} tokens")
+        """Refuse, before any work, what cannot run: bad prompts, too long a context, too small a cache."""
+        positions = check_prompt(prompt_ids, params, self.model.cfg.vocab_size, self.max_model_len)
         if positions > self.blocks.capacity_tokens:
             raise ValueError(f"prompt + max_tokens needs {positions} tokens of KV cache; it holds "
                              f"{self.blocks.capacity_tokens}")

@@ -12,6 +12,7 @@ are not replica failures and are raised at once.
 """
 
 import asyncio
+import collections
 import functools
 import itertools
 import logging
@@ -72,7 +73,8 @@ class GrpcTransport:
         self.timeout, self.retry_after, self.min_rows = timeout, retry_after, min_rows_per_replica
         self.stats = WireStats()
         self._ids = itertools.count()
-        self._turn = itertools.count()
+        # One rotation per group: a shared counter would give a group the same parity every step.
+        self._turns: dict[int, itertools.count] = collections.defaultdict(itertools.count)
 
     def set_replicas(self, group: int, addresses: list[str]) -> None:
         """Follow the endpoint directory: keep known replicas, open new ones, drop the gone."""
@@ -96,7 +98,7 @@ class GrpcTransport:
         live = self.live(b.group) or self.replicas[b.group]   # all set aside: try them anyway, once more
         R = len(b.rows)
         n = max(1, min(len(live), R // self.min_rows))
-        first = next(self._turn)
+        first = next(self._turns[b.group])
         bounds = [R * i // n for i in range(n + 1)]
         parts = [self._slice(layer, y, b, bounds[i], bounds[i + 1], live[(first + i) % len(live)])
                  for i in range(n)]

@@ -40,3 +40,21 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+def check_prompt(prompt_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> int:
+    """Refuse, before any work, a prompt that cannot run; returns the positions it needs.
+
+    The model sees every prompt token and every generated one but the last, which is
+    sampled from the positions before it: a prompt of the full context still yields a token.
+    """
+    if not prompt_ids:
+        raise ValueError("prompt is empty")
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    positions = len(prompt_ids) + params.max_tokens - 1
+    if positions > max_model_len:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
+                         f"{positions} positions; the model's context is {max_model_len} tokens")
+    return positions

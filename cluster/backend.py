@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 import anyio
 
 from attention_service.async_engine import AsyncEngine, Delta
+from attention_service import sampling_params
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
 from cluster.config import EngineConfig
@@ -86,17 +87,7 @@ def token_text(tok: Tokenizer, token_id: int) -> str:
 
 def check_prompt(backend: Backend, prompt_ids: list[int], params: SamplingParams) -> None:
     """Refuse what the engine would refuse, in its words, before anything is dispatched."""
-    if not prompt_ids:
-        raise ValueError("prompt is empty")
-    vocab = backend.tokenizer.vocab_size
-    bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-    # The last generated token needs no position of its own (see Engine.check_request).
-    positions = len(prompt_ids) + params.max_tokens - 1
-    if positions > backend.max_model_len:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
-                         f"{positions} positions; the model's context is {backend.max_model_len} tokens")
+    sampling_params.check_prompt(prompt_ids, params, backend.tokenizer.vocab_size, backend.max_model_len)
 
 
 def room_left(backend: Backend, prompt_ids: list[int]) -> int:

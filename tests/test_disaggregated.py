@@ -73,7 +73,6 @@ def test_kill_a_replica_mid_generation(tiny_ckpt):
     try:
         async def run():
             engine, _ = await connect_engine(tiny_ckpt, [p.address for p in procs])
-            engine.runner.transport.min_rows = 1           # spread every batch over both replicas
             seqs = [engine.add(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)) for p in PROMPTS]
             steps = 0
             while engine.scheduler.has_work:
@@ -89,6 +88,25 @@ def test_kill_a_replica_mid_generation(tiny_ckpt):
         ref = asyncio.run(engine.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)))
         assert [s.output_ids for s in seqs] == [r.output_ids for r in ref]
         assert stats.failovers >= 1
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_replicas_of_a_group_share_its_rows(tiny_ckpt):
+    """Decode batches are too small to split, so whole batches rotate over a group's replicas."""
+    procs = start_shards(tiny_ckpt, split_experts(8, 2) * 2)
+    try:
+        async def run():
+            engine, _ = await connect_engine(tiny_ckpt, [p.address for p in procs])
+            await engine.generate([[1, 5 + i] for i in range(4)], SamplingParams(max_tokens=30, ignore_eos=True))
+            await engine.runner.transport.close()
+            return engine.runner.transport.stats.per_replica_rows
+
+        rows = asyncio.run(run())
+        for g in range(2):
+            a, b = rows.get(procs[g].address, 0), rows.get(procs[g + 2].address, 0)
+            assert min(a, b) >= 0.4 * max(a, b), f"group {g}: replica rows {a} vs {b}"
     finally:
         for p in procs:
             p.stop()

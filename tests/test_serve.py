@@ -133,7 +133,7 @@ def test_streams_survive_an_expert_replica_being_killed(app, local):
 
         async def one(p):
             out = []
-            stream = await aclient.completions.create(model=model, prompt=p, max_tokens=48, temperature=0,
+            stream = await aclient.completions.create(model=model, prompt=p, max_tokens=400, temperature=0,
                                                       stream=True, extra_body={"ignore_eos": True})
             async for c in stream:
                 out.append(c)
@@ -144,13 +144,22 @@ def test_streams_survive_an_expert_replica_being_killed(app, local):
         async def killer():
             await started.wait()
             ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=False)
-        results = await asyncio.gather(*(one(p) for p in prompts), killer())
-        return results[:-1]
+            for _ in range(100):                 # until the process is really gone
+                try:
+                    ray.get_actor(victim["name"], namespace=victim["namespace"])
+                except ValueError:
+                    break
+                await asyncio.sleep(0.1)
+            return sum(not t.done() for t in streams)
+        streams = [asyncio.ensure_future(one(p)) for p in prompts]
+        still_running = await killer()
+        return await asyncio.gather(*streams), still_running
 
-    results = asyncio.run(run())
+    results, still_running = asyncio.run(run())
+    assert still_running > 0                         # the replica died under live streams
     _, tok = local
     for p, (text, last) in zip(prompts, results):
-        ids = greedy(p, 48, ignore_eos=True)
+        ids = greedy(p, 400, ignore_eos=True)
         assert text == tok.decode(p[-6:] + ids)[len(tok.decode(p[-6:])):]
         assert last.choices[0].finish_reason == "length"
     load = serve.get_deployment_handle("Attention", app_name=cfg.name).load.remote().result()
