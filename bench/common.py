@@ -33,17 +33,21 @@ CACHE_DIR = Path(os.environ.get("MOE_SERVE_BENCH_CACHE", Path.home() / ".cache" 
 CONTENDED_SHARE = 0.2
 
 
-def checkpoint(preset_name: str = "bench", seed: int = 0) -> Path:
+def checkpoint(preset_name: str = "bench", seed: int = 0, variant: str | None = None, **overrides) -> Path:
     """A random-weight checkpoint of the preset, written once into the cache and reused
-    (rewritten if the preset's config has changed since)."""
+    (rewritten if the preset's config has changed since). A variant changes some of the
+    preset's fields (overrides, e.g. num_hidden_layers=1) and is cached under its own name."""
     import msgspec
 
     from cluster.config import preset
     from cluster.make_checkpoint import write_random_checkpoint
 
-    cfg = preset(preset_name)
+    if overrides and not variant:
+        raise ValueError("a checkpoint with overrides needs a variant name")
+    cfg = msgspec.structs.replace(preset(preset_name), **overrides) if overrides else preset(preset_name)
     stamp = json.dumps({"config": msgspec.to_builtins(cfg), "seed": seed}, sort_keys=True)
-    out = CACHE_DIR / (f"{preset_name}-ckpt" if seed == 0 else f"{preset_name}-seed{seed}-ckpt")
+    name = f"{preset_name}-{variant}" if variant else preset_name
+    out = CACHE_DIR / (f"{name}-ckpt" if seed == 0 else f"{name}-seed{seed}-ckpt")
     done = out / ".complete"
     if not done.exists() or done.read_text() != stamp:
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -60,6 +64,20 @@ def random_prompts(n: int, min_len: int, max_len: int, vocab: int, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()
     return [[1] + torch.randint(3, vocab, (k - 1,), generator=g).tolist() for k in lens]
+
+
+def pids_cpu_s(pids) -> float:
+    """CPU seconds (user + system, all threads) used so far by the live processes in pids;
+    a process that is gone counts 0."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])      # utime, stime (fields 14, 15 of stat)
+    return total / tick
 
 
 def _busy_cpu_s() -> float:
@@ -89,16 +107,22 @@ class Aborted(Exception):
     """A run stopped by its watchdog."""
 
 
-def timed(fn, abortable: bool = False, grace_s: float = 5.0) -> tuple[object, Sample]:
+def timed(fn, abortable: bool = False, grace_s: float = 5.0, own_pids=()) -> tuple[object, Sample]:
     """Run fn(abort) once -> (its result, Sample); abort is a threading.Event that fn should
     poll and answer by raising Aborted. When abortable, a watchdog sets it as soon as other
-    processes have used more than CONTENDED_SHARE of a core over max(elapsed, grace_s)."""
+    processes have used more than CONTENDED_SHARE of a core over max(elapsed, grace_s).
+    own_pids: processes of ours (expert shards, servers) whose CPU counts as the run's own."""
     abort, done = threading.Event(), threading.Event()
-    b0, c0 = _busy_cpu_s(), sum(os.times()[:4])
+    own_pids = list(own_pids)
+
+    def own() -> float:
+        return sum(os.times()[:4]) + pids_cpu_s(own_pids)
+
+    b0, c0 = _busy_cpu_s(), own()
     t0 = time.perf_counter()
 
     def others() -> float:
-        return max(0.0, _busy_cpu_s() - b0 - (sum(os.times()[:4]) - c0))
+        return max(0.0, _busy_cpu_s() - b0 - (own() - c0))
 
     def watch() -> None:
         while not done.wait(0.25):
@@ -119,17 +143,20 @@ def timed(fn, abortable: bool = False, grace_s: float = 5.0) -> tuple[object, Sa
         if abortable:
             dog.join()
     wall = time.perf_counter() - t0
-    return result, Sample(wall, sum(os.times()[:4]) - c0, others(), aborted=stopped)
+    return result, Sample(wall, own() - c0, others(), aborted=stopped)
 
 
-def wait_for_quiet(max_wait_s: float, window_s: float = 1.0) -> float:
+def wait_for_quiet(max_wait_s: float, window_s: float = 1.0, own_pids=()) -> float:
     """Wait (up to max_wait_s) for a window_s-long stretch in which other processes use less than
-    CONTENDED_SHARE of a core; call it with nothing of ours running. -> seconds waited."""
+    CONTENDED_SHARE of a core; call it with nothing of ours running (idle processes of ours in
+    own_pids, e.g. expert shards, are not counted as others). -> seconds waited."""
     t0 = time.perf_counter()
+    own_pids = list(own_pids)
     while True:
-        b0 = _busy_cpu_s()
+        b0, c0 = _busy_cpu_s(), sum(os.times()[:4]) + pids_cpu_s(own_pids)
         time.sleep(window_s)
-        if _busy_cpu_s() - b0 < CONTENDED_SHARE * window_s or time.perf_counter() - t0 >= max_wait_s:
+        others = _busy_cpu_s() - b0 - (sum(os.times()[:4]) + pids_cpu_s(own_pids) - c0)
+        if others < CONTENDED_SHARE * window_s or time.perf_counter() - t0 >= max_wait_s:
             return time.perf_counter() - t0
 
 
@@ -141,6 +168,55 @@ def median_wall(samples: list[Sample]) -> tuple[float, int, bool]:
         return statistics.median(clean), len(clean), True
     done = [s.wall_s for s in samples if not s.aborted]
     return (statistics.median(done) if done else float("nan")), len(done), False
+
+
+def percentile(xs, q: float) -> float:
+    """The q-th percentile (0-100) of xs, linear between closest ranks; nan if xs is empty."""
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+class Runner:
+    """Times runs the way every benchmark here does. Each run waits for a quiet machine first
+    (at most quiet_wait_s). While a retry is left and the time budget holds, a run is watched
+    and stopped as soon as other processes take the CPU, and a stopped or contended run is
+    redone. own_pids: processes of ours (expert shards) whose CPU is the run's own; it may be
+    changed between runs."""
+
+    def __init__(self, t0: float, budget_s: float, max_retries: int, quiet_wait_s: float, own_pids=()):
+        self.t0, self.budget_s, self.max_retries = t0, budget_s, max_retries
+        self.quiet_wait_s = quiet_wait_s
+        self.own_pids = list(own_pids)
+
+    @property
+    def over_budget(self) -> bool:
+        return time.perf_counter() - self.t0 > self.budget_s
+
+    def run(self, label: str, fn, samples: list[Sample], log=print):
+        """fn(abort) -> outputs; appends a Sample per attempt; returns the last completed outputs."""
+        result = None
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries or self.over_budget
+            if self.quiet_wait_s > 0:
+                wait_for_quiet(self.quiet_wait_s, own_pids=self.own_pids)
+            # The last attempt of a config with no completed run yet is never stopped.
+            out, s = timed(fn, abortable=not (last and result is None), own_pids=self.own_pids)
+            samples.append(s)
+            if s.aborted:
+                log(f"  run {label}: stopped after {s.wall_s:.1f} s, other processes took "
+                    f"{s.others_cpu_s:.1f} CPU-s; {'keeping the earlier run' if last else 'redoing it'}")
+                continue
+            result = out
+            note = f" CONTENDED (others took {s.others_cpu_s:.1f} CPU-s)" if s.contended else ""
+            log(f"  run {label}: {s.wall_s:.2f} s{note}")
+            if not s.contended or last:
+                break
+        return result
 
 
 def machine() -> dict:
