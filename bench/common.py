@@ -192,6 +192,7 @@ class Runner:
         self.t0, self.budget_s, self.max_retries = t0, budget_s, max_retries
         self.quiet_wait_s = quiet_wait_s
         self.own_pids = list(own_pids)
+        self.all_samples: list[Sample] = []     # every attempt of every run, for the summary
 
     @property
     def over_budget(self) -> bool:
@@ -207,6 +208,7 @@ class Runner:
             # The last attempt of a config with no completed run yet is never stopped.
             out, s = timed(fn, abortable=not (last and result is None), own_pids=self.own_pids)
             samples.append(s)
+            self.all_samples.append(s)
             if s.aborted:
                 log(f"  run {label}: stopped after {s.wall_s:.1f} s, other processes took "
                     f"{s.others_cpu_s:.1f} CPU-s; {'keeping the earlier run' if last else 'redoing it'}")

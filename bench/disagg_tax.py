@@ -108,7 +108,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-retries", type=int, default=2, help="re-runs of one contended run, at most")
     ap.add_argument("--quiet-wait-s", type=float, default=10.0,
                     help="before each run, wait up to this long for other processes to go quiet (0: never)")
-    ap.add_argument("--out", default="disagg_tax.json", help="file name under bench/out/")
+    ap.add_argument("--out", help="file name under bench/out/ (default disagg_tax.json, "
+                                  "disagg_tax-quick.json with --quick)")
     ap.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)   # internal: one echo server
     a = ap.parse_args()
     if a.echo_server:
@@ -116,6 +117,7 @@ def parse_args() -> argparse.Namespace:
     for k, v in (QUICK if a.quick else FULL).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    a.out = a.out or ("disagg_tax-quick.json" if a.quick else "disagg_tax.json")
     a.micro_batches = [int(x) for x in a.micro_batches.split(",")]
     a.attn_threads = [int(x) for x in a.attn_threads.split(",")]
     return a
