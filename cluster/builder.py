@@ -42,3 +42,17 @@ def serve_options(cfg: AppConfig) -> dict:
     """serve.start's proxies: OpenAI HTTP and the gRPC Generation service."""
     return {"http_options": {"host": cfg.http_host, "port": cfg.http_port},
             "grpc_options": {"port": cfg.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS}}
+
+
+def app_builder(args: dict) -> Application:
+    """Serve's config-file entry (`import_path: cluster.builder:app_builder`, as the Helm chart's
+    serveConfigV2 uses it): `args` is the same mapping the YAML config file holds."""
+    from cluster.app_config import decode
+
+    cfg = decode(args, "serve application args")
+    if not cfg.model:
+        from cluster.cli import default_model
+        model = str(default_model())
+    else:
+        model = cfg.model
+    return build_app(cfg, model)
