@@ -1,0 +1,107 @@
+{{/* A Ray pod template. Called with (dict "root" $ "role" "head"|"attention"|"experts" "group" <values>).
+Every pod mounts the checkpoint: the head's Serve controller opens it to build the app, and
+each replica reads the tensors it owns. */}}
+{{- define "moe-serve.podTemplate" -}}
+{{- $root := .root }}
+{{- $v := $root.Values }}
+{{- $head := eq .role "head" }}
+{{- $dir := include "moe-serve.modelDir" $root -}}
+metadata:
+  labels:
+    {{- include "moe-serve.selectorLabels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .role }}
+    {{- with $v.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $v.podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if $v.model.uri }}
+  initContainers:
+    - name: fetch-model
+      image: {{ $v.model.download.image }}
+      command:
+        {{- toYaml $v.model.download.command | nindent 8 }}
+      env:
+        - {name: MODEL_URI, value: {{ $v.model.uri | quote }}}
+        - {name: MODEL_DIR, value: {{ $dir | quote }}}
+        {{- with $v.model.download.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with $v.model.download.envFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.model.download.resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        - {name: model, mountPath: {{ $v.model.mountPath | quote }}}
+  {{- end }}
+  containers:
+    - name: {{ ternary "ray-head" "ray-worker" $head }}
+      image: {{ include "moe-serve.image" $root | quote }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      {{- with $v.env }}
+      env:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.envFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      ports:
+        {{- if $head }}
+        - {name: gcs, containerPort: 6379}
+        - {name: dashboard, containerPort: 8265}
+        - {name: client, containerPort: 10001}
+        {{- end }}
+        - {name: serve, containerPort: {{ $v.ports.http }}}
+        - {name: serve-grpc, containerPort: {{ $v.ports.grpc }}}
+        - {name: metrics, containerPort: 8080}
+      {{- $res := deepCopy (default dict .group.resources) }}
+      {{- if not $head }}
+      {{- $gpus := dict "nvidia.com/gpu" (int .group.gpusPerPod) }}
+      {{- $_ := set $res "limits" (merge (default dict $res.limits) $gpus) }}
+      {{- $_ := set $res "requests" (merge (default dict $res.requests) $gpus) }}
+      {{- end }}
+      {{- with $res }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        - {name: dshm, mountPath: /dev/shm}
+        {{- if $dir }}
+        - {name: model, mountPath: {{ $v.model.mountPath | quote }}, readOnly: true}
+        {{- end }}
+  volumes:
+    # Ray's object store lives in shared memory; the container default of 64 MiB is far too small.
+    - name: dshm
+      emptyDir: {medium: Memory{{ with $v.shmSize }}, sizeLimit: {{ . }}{{ end }}}
+    {{- if $v.model.pvc.claimName }}
+    - name: model
+      persistentVolumeClaim: {claimName: {{ $v.model.pvc.claimName | quote }}, readOnly: true}
+    {{- else if $v.model.uri }}
+    - name: model
+      emptyDir: {{ if $v.model.download.sizeLimit }}{sizeLimit: {{ $v.model.download.sizeLimit }}}{{ else }}{}{{ end }}
+    {{- end }}
+  {{- with .group.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .group.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .group.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
