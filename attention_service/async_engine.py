@@ -63,9 +63,10 @@ class AsyncEngine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, trace_context=None
+                       ) -> AsyncIterator[Delta]:
         """Stream one request's deltas; the last one carries finish_reason. Bad input raises ValueError."""
-        seq = self.engine.add(prompt_ids, params)      # validates before any work
+        seq = self.engine.add(prompt_ids, params, trace_context)      # validates before any work
         req = _Request(seq, self.tokenizer.incremental(context=prompt_ids))
         self._requests[seq.seq_id] = req
         self._ensure_running()

@@ -5,9 +5,11 @@
     scheduler.postprocess(scheduled, sampled) record tokens, finish what is done
 """
 
+import contextlib
 import logging
 
 import torch
+from opentelemetry import trace
 
 from attention_service.block_manager import BlockManager
 from attention_service.kv_cache import KVCache
@@ -17,8 +19,10 @@ from attention_service.sampling_params import SamplingParams, check_prompt
 from attention_service.scheduler import Scheduled, Scheduler
 from attention_service.sequence import Sequence
 from attention_service.transport import ExpertTransport
+from cluster import telemetry
 from cluster.config import EngineConfig
 from router.dispatch import Placement
+from router.routing_stats import RoutingStats
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,10 @@ class Engine:
         self.blocks = BlockManager(self.kv.num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_batched_tokens)
         self.runner = ModelRunner(model, self.kv, transport, placement, cfg.micro_batches)
+        self.routing = RoutingStats(placement.group_of)
+        self.runner.on_route = self.routing.add
+        self.telemetry = telemetry.get()
+        self.telemetry.routing_sources.add(self.routing)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse, before any work, what cannot run: bad prompts, too long a context, too small a cache."""
@@ -45,9 +53,11 @@ class Engine:
             raise ValueError(f"prompt + max_tokens needs {positions} tokens of KV cache; it holds "
                              f"{self.blocks.capacity_tokens}")
 
-    def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def add(self, prompt_ids: list[int], params: SamplingParams, trace_context=None) -> Sequence:
+        """trace_context: the request's OpenTelemetry context, for the steps that serve it."""
         self.check_request(prompt_ids, params)
         seq = Sequence(prompt_ids, params)
+        seq.trace_context = trace_context
         self.scheduler.add(seq)
         return seq
 
@@ -56,8 +66,21 @@ class Engine:
 
     async def step(self) -> list[Sequence]:
         scheduled = self.scheduler.schedule()
-        sampled = await self.runner.run(scheduled)
+        with self._step_span(scheduled):
+            sampled = await self.runner.run(scheduled)
         return self.scheduler.postprocess(scheduled, sampled, self.eos_id)
+
+    def _step_span(self, scheduled: list[Scheduled]):
+        """A step serves many requests but a span has one parent: the first traced request in
+        it is the parent, the others are linked. Untraced steps cost nothing."""
+        traced = [s.seq.trace_context for s in scheduled if s.seq.trace_context is not None
+                  and trace.get_current_span(s.seq.trace_context).get_span_context().trace_flags.sampled]
+        if not traced:
+            return contextlib.nullcontext()
+        links = [trace.Link(trace.get_current_span(c).get_span_context()) for c in traced[1:]]
+        return self.telemetry.tracer.start_as_current_span(
+            "moe_serve.engine.step", context=traced[0], links=links,
+            attributes={"moe_serve.sequences": len(scheduled), "moe_serve.tokens": sum(s.num_tokens for s in scheduled)})
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
         """Offline batch generation: run every prompt to completion."""

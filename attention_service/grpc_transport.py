@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from opentelemetry import trace
 
+from cluster import telemetry
 from protos import codec, expert_pb2 as pb
 from protos.channel import FORWARD, INFO, channel_options
 from router.dispatch import GroupBatch, Placement
@@ -52,7 +54,7 @@ class Replica:
         return cls(address, channel, forward)
 
 
-@dataclass
+@dataclass(eq=False)
 class WireStats:
     """What crossed the wire; the benchmark and telemetry read it."""
 
@@ -63,6 +65,7 @@ class WireStats:
     rpc_seconds: float = 0.0
     failovers: int = 0
     per_replica_rows: dict = field(default_factory=dict)
+    per_group_bytes: dict = field(default_factory=dict)   # (group, "sent" | "received") -> bytes
 
 
 class GrpcTransport:
@@ -72,6 +75,8 @@ class GrpcTransport:
         self.replicas: list[list[Replica]] = [[Replica.open(a) for a in addrs] for addrs in groups]
         self.timeout, self.retry_after, self.min_rows = timeout, retry_after, min_rows_per_replica
         self.stats = WireStats()
+        self.telemetry = telemetry.get()
+        self.telemetry.wire_sources.add(self.stats)
         self._ids = itertools.count()
         # One rotation per group: a shared counter would give a group the same parity every step.
         self._turns: dict[int, itertools.count] = collections.defaultdict(itertools.count)
@@ -111,10 +116,14 @@ class GrpcTransport:
         tried = []
         while True:
             tried.append(replica.address)
+            span, metadata = self._span(layer, b.group, e - s, replica.address)
             t0 = time.perf_counter()
             try:
-                msg, tensors = await replica.forward(request, timeout=self.timeout)
+                msg, tensors = await replica.forward(request, timeout=self.timeout, metadata=metadata)
             except grpc.aio.AioRpcError as err:
+                if span is not None:
+                    span.set_status(trace.StatusCode.ERROR, err.code().name)
+                    span.end()
                 if err.code() not in _REPLICA_FAILURES:
                     raise RuntimeError(f"expert group {b.group} at {replica.address} refused layer {layer} "
                                        f"batch: {err.code().name}: {err.details()}") from None
@@ -128,14 +137,36 @@ class GrpcTransport:
                                                  f"(tried {', '.join(tried)})") from None
                 replica = others[0]
                 continue
-            st = self.stats
+            seconds = time.perf_counter() - t0
+            if span is not None:
+                span.set_attribute("moe_serve.expert.compute_seconds", msg.compute_seconds)
+                span.end()
+            st, received = self.stats, tensors["output"].numel() * tensors["output"].element_size()
             st.rpcs += 1
             st.rows += e - s
             st.bytes_sent += len(request)
-            st.bytes_received += tensors["output"].numel() * tensors["output"].element_size()
-            st.rpc_seconds += time.perf_counter() - t0
+            st.bytes_received += received
+            st.rpc_seconds += seconds
             st.per_replica_rows[replica.address] = st.per_replica_rows.get(replica.address, 0) + e - s
+            key = (b.group, "sent")
+            st.per_group_bytes[key] = st.per_group_bytes.get(key, 0) + len(request)
+            key = (b.group, "received")
+            st.per_group_bytes[key] = st.per_group_bytes.get(key, 0) + received
+            attrs = {"group": str(b.group), "replica": replica.address}
+            self.telemetry.rpc_duration.record(seconds, attrs)
+            self.telemetry.batch_rows.record(e - s, attrs)
             return tensors["output"]
+
+    def _span(self, layer: int, group: int, rows: int, address: str):
+        """A client span for the RPC and its context as gRPC metadata, when the step is traced."""
+        if not trace.get_current_span().is_recording():
+            return None, None
+        span = self.telemetry.tracer.start_span(
+            "moe_serve.expert.forward", kind=trace.SpanKind.CLIENT,
+            attributes={"moe_serve.layer": layer, "moe_serve.group": group, "moe_serve.rows": rows,
+                        "rpc.system": "grpc", "server.address": address})
+        with trace.use_span(span, end_on_exit=False):
+            return span, tuple(telemetry.inject().items())
 
     async def close(self) -> None:
         await asyncio.gather(*(r.channel.close() for rs in self.replicas for r in rs))

@@ -28,6 +28,83 @@ class Resources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     resources: dict[str, float] = {}
 
 
+def _check_scaling(lo: int, hi: int, up: float, down: float) -> None:
+    if lo < 1 or hi < lo:
+        raise ConfigError(f"need 1 <= min_replicas <= max_replicas, got {lo} and {hi}")
+    if up < 0 or down < 0:
+        raise ConfigError("upscale_delay_s and downscale_delay_s must not be negative")
+
+
+class GroupScaling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How an expert group's replica count follows the routing load it gets."""
+
+    min_replicas: int = 1
+    max_replicas: int = 4
+    # Routed (token, expert) pairs per second, summed over the group's layers, that one
+    # replica should carry. The figure to tune: `moe-serve tune` proposes it from a recording.
+    target_tokens_per_s: float = 2000.0
+    # Scale down only once demand fits the smaller count with this much room to spare, so
+    # a load near a boundary does not flap between two counts.
+    hysteresis: float = 0.2
+    # Demand counts only what attention could route; replicas busier than this add one
+    # even when the counted demand does not ask for it (the backlog is invisible to it).
+    max_busy: float = 0.85
+    # How long a wish must hold before it is acted on: quick to add, slow to remove.
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_scaling(self.min_replicas, self.max_replicas, self.upscale_delay_s, self.downscale_delay_s)
+        if self.target_tokens_per_s <= 0:
+            raise ConfigError(f"target_tokens_per_s must be positive, got {self.target_tokens_per_s}")
+        if not 0 <= self.hysteresis < 1:
+            raise ConfigError(f"hysteresis must be in [0, 1), got {self.hysteresis}")
+
+
+class AttentionScaling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Attention replicas follow requests in flight and KV cache use."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    # Running + waiting requests one replica should hold.
+    target_requests: float = 64.0
+    # Add a replica when the mean KV cache use is above this, whatever the request count.
+    max_kv_usage: float = 0.9
+    hysteresis: float = 0.2
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check_scaling(self.min_replicas, self.max_replicas, self.upscale_delay_s, self.downscale_delay_s)
+
+
+class AutoscalingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Off: every deployment keeps its `replicas`.
+    enabled: bool = True
+    # Every expert group's settings, unless the group has its own `scaling`.
+    experts: GroupScaling = GroupScaling()
+    attention: AttentionScaling = AttentionScaling()
+    # How often replicas report load to Serve's controller, and the window it averages over.
+    metrics_interval_s: float = 1.0
+    look_back_period_s: float = 5.0
+
+
+class TelemetrySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Each attention and expert process serves Prometheus /metrics on this port (0: a free
+    # one, found through the endpoint directory); the front door's /metrics gathers them all.
+    metrics_port: int = 0
+    # OTLP/gRPC collector for metrics and traces, e.g. http://otel-collector:4317; unset: none.
+    otlp_endpoint: str | None = None
+    # Fraction of requests traced (parent-based: an expert RPC follows its request's choice).
+    trace_sample_ratio: float = 0.01
+    # Also write finished spans as JSON lines to <trace_dir>/spans-<pid>.jsonl (for debugging).
+    trace_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.trace_sample_ratio <= 1:
+            raise ConfigError(f"trace_sample_ratio must be in [0, 1], got {self.trace_sample_ratio}")
+
+
 class AttentionSpec(Resources, frozen=True, forbid_unknown_fields=True):
     replicas: int = 1
     # One engine batches every request its replica holds: size to the engine, not Serve's default of 5.
@@ -39,7 +116,10 @@ class GroupSpec(Resources, frozen=True, forbid_unknown_fields=True):
     experts: list[int] = []
     # Unset: these experts in every layer.
     layers: list[int] | None = None
+    # Replicas at start; with autoscaling on, the policy moves it within the group's bounds.
     replicas: int = 1
+    # This group's own autoscaling settings; unset: autoscaling.experts.
+    scaling: GroupScaling | None = None
     # Batches in flight per replica; the engine pipelines micro-batches of every layer.
     max_ongoing_requests: int = 64
 
@@ -58,6 +138,8 @@ class AppConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     expert_device: str = "cpu"
     expert_dtype: str = "auto"
     attention: AttentionSpec = AttentionSpec()
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
+    telemetry: TelemetrySpec = TelemetrySpec()
 
     def __post_init__(self) -> None:
         if self.groups < 1:
@@ -88,6 +170,10 @@ def load(path: str | Path) -> AppConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})") from None
     return decode(raw, str(path))
+
+
+def group_scaling(cfg: AppConfig, spec: GroupSpec) -> GroupScaling:
+    return spec.scaling or cfg.autoscaling.experts
 
 
 def resolve_groups(cfg: AppConfig, num_experts: int) -> list[GroupSpec]:

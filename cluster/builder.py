@@ -1,47 +1,106 @@
-"""The one place the Serve application is assembled: every `serve.deployment(...).bind(...)`."""
+"""The one place the Serve application is assembled: every `serve.deployment(...).bind(...)`.
+
+The app is deployed the way Serve deploys a config file (`serve_config`): the import path
+`cluster.builder:app_builder` with our config as its args, and, with autoscaling on, the
+application-level policy `cluster.autoscale_policy:AppPolicy`, which sees every deployment
+at once (the routing load is reported by Attention but scales ExpertGroup-<g>). `moe-serve
+up` and the Helm chart's serveConfigV2 deploy the same thing.
+"""
+
+import time
 
 import msgspec
 from ray import serve
 from ray.serve import Application
 
-from cluster.app_config import AppConfig, Resources, resolve_groups
+from cluster.app_config import AppConfig, Resources, group_scaling, resolve_groups
 from cluster.checkpoint import Checkpoint
 from cluster.deployments import Attention, ExpertGroup
 from cluster.frontend import Frontend
 
 GRPC_SERVICERS = ["protos.generation_pb2_grpc.add_GenerationServicer_to_server"]
+POLICY = "cluster.autoscale_policy:AppPolicy"
 
 
 def _actor_options(r: Resources) -> dict:
     return {"num_gpus": r.num_gpus, "num_cpus": r.num_cpus, "resources": dict(r.resources)}
 
 
+def _replicas(cfg: AppConfig, initial: int, lo: int, hi: int) -> dict:
+    """Fixed replicas, or bounds for the app policy. Serve's own delays and factors stay
+    neutral: AppPolicy applies the configured delays itself (and is tested doing so)."""
+    if not cfg.autoscaling.enabled:
+        return {"num_replicas": initial}
+    a = cfg.autoscaling
+    return {"num_replicas": "auto", "autoscaling_config": {
+        "min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, min(hi, initial)),
+        "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+        "metrics_interval_s": a.metrics_interval_s, "look_back_period_s": a.look_back_period_s}}
+
+
 def build_app(cfg: AppConfig, model: str) -> Application:
     mc = Checkpoint(model).config
     groups = resolve_groups(cfg, mc.num_local_experts)
     directory = f"{cfg.name}-endpoints"
-    experts = [
-        serve.deployment(ExpertGroup, name=f"ExpertGroup-{g}", num_replicas=spec.replicas,
-                         max_ongoing_requests=spec.max_ongoing_requests, ray_actor_options=_actor_options(spec),
-                         graceful_shutdown_timeout_s=30, health_check_period_s=5)
-        .bind(model, g, spec.experts, spec.layers, cfg.expert_device, cfg.expert_dtype, directory)
-        for g, spec in enumerate(groups)]
-    a = cfg.attention
+    telemetry = msgspec.to_builtins(cfg.telemetry)
+    experts = []
+    for g, spec in enumerate(groups):
+        s = group_scaling(cfg, spec)
+        experts.append(serve.deployment(
+            ExpertGroup, name=f"ExpertGroup-{g}", max_ongoing_requests=spec.max_ongoing_requests,
+            ray_actor_options=_actor_options(spec), graceful_shutdown_timeout_s=30, health_check_period_s=5,
+            **_replicas(cfg, spec.replicas, s.min_replicas, s.max_replicas),
+        ).bind(model, g, spec.experts, spec.layers, cfg.expert_device, cfg.expert_dtype, directory, telemetry))
+    a, s = cfg.attention, cfg.autoscaling.attention
     attention = serve.deployment(
-        Attention, name="Attention", num_replicas=a.replicas, max_ongoing_requests=a.max_ongoing_requests,
+        Attention, name="Attention", max_ongoing_requests=a.max_ongoing_requests,
         ray_actor_options=_actor_options(a), graceful_shutdown_timeout_s=60,
+        **_replicas(cfg, a.replicas, s.min_replicas, s.max_replicas),
     ).bind(model, msgspec.to_builtins(a.engine), [{"experts": s.experts, "layers": s.layers} for s in groups],
-           directory, experts)
+           directory, telemetry, experts)
     max_len = min(a.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
     return serve.deployment(Frontend, name="Frontend", num_replicas=1, max_ongoing_requests=1000,
                             ray_actor_options={"num_cpus": 0}).bind(
-        attention, model, cfg.model_name or model.rstrip("/").split("/")[-1], max_len)
+        attention, model, cfg.model_name or model.rstrip("/").split("/")[-1], max_len, directory, telemetry)
 
 
 def serve_options(cfg: AppConfig) -> dict:
     """serve.start's proxies: OpenAI HTTP and the gRPC Generation service."""
     return {"http_options": {"host": cfg.http_host, "port": cfg.http_port},
             "grpc_options": {"port": cfg.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS}}
+
+
+def serve_config(cfg: AppConfig, model: str) -> dict:
+    """The Serve config (as `serve deploy` and KubeRay's serveConfigV2 take it) for this app."""
+    args = msgspec.to_builtins(cfg)
+    args["model"] = model
+    app = {"name": cfg.name, "route_prefix": "/", "import_path": "cluster.builder:app_builder", "args": args}
+    if cfg.autoscaling.enabled:
+        app["autoscaling_policy"] = {"policy_function": POLICY, "policy_kwargs": {"config": args}}
+    return {**serve_options(cfg), "applications": [app]}
+
+
+def deploy(cfg: AppConfig, model: str, timeout_s: float = 300.0) -> None:
+    """Deploy on the connected Ray cluster and wait until the app runs; a failed deploy raises."""
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    config = serve_config(cfg, model)
+    client = serve_start(http_options=config["http_options"], grpc_options=config["grpc_options"])
+    client.deploy_apps(ServeDeploySchema(**{"applications": config["applications"]}))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(cfg.name)
+        status = app.status if app else "NOT_STARTED"
+        if status == "RUNNING":
+            return
+        if status == "DEPLOY_FAILED" or time.monotonic() > deadline:
+            details = app.message if app else ""
+            for name, d in (app.deployments.items() if app else []):
+                if d.message:
+                    details += f"\n  {name}: {d.message}"
+            raise RuntimeError(f"application {cfg.name} did not start ({status}): {details}")
+        time.sleep(0.5)
 
 
 def app_builder(args: dict) -> Application:

@@ -37,7 +37,8 @@ def cmd_make_checkpoint(a: argparse.Namespace) -> None:
     from cluster.make_checkpoint import write_random_checkpoint
 
     out = write_random_checkpoint(preset(a.preset), Path(a.out), shards=a.shards, seed=a.seed,
-                                  dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype])
+                                  dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype],
+                                  favour_experts=a.favour_experts, favour=a.favour)
     print(out)
 
 
@@ -115,13 +116,13 @@ def cmd_up(a: argparse.Namespace) -> None:
     from ray import serve
 
     from cluster import app_config
-    from cluster.builder import build_app, serve_options
+    from cluster.builder import build_app, deploy
     from cluster.config import ConfigError
 
     try:
         cfg = app_config.load(a.config) if a.config else app_config.AppConfig()
         model = cfg.model or str(default_model())
-        app = build_app(cfg, model)
+        build_app(cfg, model)            # checks the config against the checkpoint before Ray starts
     except (ConfigError, ValueError) as e:
         sys.exit(f"moe-serve up: {e}")
     if a.address:
@@ -131,14 +132,19 @@ def cmd_up(a: argparse.Namespace) -> None:
         # place a replica on a small machine (they are bookkeeping, not pinning).
         ray.init(_node_ip_address="127.0.0.1", num_cpus=max(16, os.cpu_count() or 1), include_dashboard=False,
                  namespace="moe-serve", log_to_driver=a.verbose)
-    serve.start(**serve_options(cfg))
     print(f"deploying {cfg.name}: model {model}", flush=True)
-    serve.run(app, name=cfg.name, route_prefix="/", blocking=False)
+    try:
+        deploy(cfg, model)
+    except RuntimeError as e:
+        serve.shutdown()
+        ray.shutdown()
+        sys.exit(f"moe-serve up: {e}")
     host = "127.0.0.1" if cfg.http_host in ("0.0.0.0", "::") else cfg.http_host
     print(f"""
 moe-serve is up.
   OpenAI HTTP   http://{host}:{cfg.http_port}/v1   (model: see GET /v1/models)
   gRPC          {host}:{cfg.grpc_port}   service moe_serve.generation.v1.Generation, metadata application={cfg.name}
+  dashboard     http://{host}:{cfg.http_port}/dashboard   metrics http://{host}:{cfg.http_port}/metrics
   try           curl http://{host}:{cfg.http_port}/v1/completions -H 'Content-Type: application/json' \
                   -d '{{"model": "{app_name(cfg, model)}", "prompt": "Hello", "max_tokens": 16}}'
 Ctrl-C or `moe-serve down` stops it.""", flush=True)
@@ -211,6 +217,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--shards", type=int, default=1, help="safetensors files to split the weights over (default: 1)")
     m.add_argument("--seed", type=int, default=0, help="weights are a function of the seed (default: 0)")
     m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    m.add_argument("--favour-experts", type=_ids, metavar="E,E,...",
+                   help="make every router prefer these experts: a skewed routing load for autoscaling trials")
+    m.add_argument("--favour", type=float, default=0.4,
+                   help="how strongly (default 0.4: about 80%% of the tiny preset's routing to 4 of 8 experts)")
     m.set_defaults(fn=cmd_make_checkpoint)
 
     def engine_args(q: argparse.ArgumentParser) -> None:
@@ -264,6 +274,12 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="generate offline with the embedded tiny model")
     engine_args(d)
     d.set_defaults(fn=cmd_demo)
+
+    from cluster import plan
+    plan.add_parser(sub)
+    from cluster import top, tune_cli
+    top.add_parser(sub)
+    tune_cli.add_parser(sub)
     return p
 
 

@@ -23,6 +23,8 @@ from attention_service.grpc_transport import GrpcTransport
 from attention_service.loader import load_attention_model
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
+from cluster import telemetry
+from cluster.app_config import TelemetrySpec
 from cluster.checkpoint import Checkpoint, resolve_dtype
 from cluster.config import EngineConfig
 from cluster.directory import get_directory
@@ -32,27 +34,59 @@ from router.dispatch import Placement
 log = logging.getLogger("ray.serve")
 
 
+def _telemetry(service: str, spec: dict | None, host: str) -> telemetry.Telemetry:
+    """This replica's telemetry and its /metrics server (registered in the directory by the caller)."""
+    tel = telemetry.init(service, msgspec.convert(spec or {}, TelemetrySpec))
+    tel.serve_metrics(host=host)
+    return tel
+
+
+class _Busy:
+    """The fraction of wall time spent computing since the previous reading."""
+
+    def __init__(self, servicer):
+        self.servicer, self.last = servicer, (time.monotonic(), servicer.busy_seconds)
+
+    def read(self) -> float:
+        now, busy = time.monotonic(), self.servicer.busy_seconds
+        t0, b0 = self.last
+        self.last = (now, busy)
+        return min(1.0, (busy - b0) / max(now - t0, 1e-6))
+
+
 class ExpertGroup:
     """One replica of an expert group: an ExpertShard gRPC server, registered in the directory."""
 
     async def __init__(self, model: str, group: int, experts: list[int], layers: list[int] | None,
-                   device: str, dtype: str, directory: str):
+                   device: str, dtype: str, directory: str, telemetry_spec: dict | None = None):
         host = ray.util.get_node_ip_address()
+        self.telemetry = _telemetry("experts", telemetry_spec, host)
         self.shard, port = await serve_shard(model, experts, layers, port=0, host=host, device=device,
-                                             dtype=dtype, shard_id=f"g{group}")
+                                             dtype=dtype, shard_id=f"g{group}", group=group)
         self.group, self.address = group, f"{host}:{port}"
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.busy = _Busy(self.shard.servicer)
         self.directory = get_directory(directory)
-        await self.directory.register.remote(group, self.replica, self.address)
+        await self._register()
         self._renew = asyncio.get_running_loop().create_task(self._keep_registered())
+
+    async def _register(self) -> None:
+        await self.directory.register.remote(self.group, self.replica, self.address)
+        await self.directory.register_metrics.remote(f"expert-{self.group}-{self.replica}", self.telemetry.url)
 
     async def _keep_registered(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             try:
-                await self.directory.register.remote(self.group, self.replica, self.address)
+                await self._register()
             except Exception:   # the directory restarts on failure; the next beat re-registers
                 log.warning("expert group %d: directory unreachable", self.group)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's controller reads this every metrics interval: how busy this replica is."""
+        busy = self.busy.read()
+        self.telemetry.busy.set(busy, {"group": str(self.group), "replica": self.address})
+        return {"busy": busy}
 
     def describe(self) -> dict:
         return {"group": self.group, "address": self.address, "node_id": ray.get_runtime_context().get_node_id()}
@@ -74,7 +108,7 @@ class Attention:
     """One attention shard: the engine, its KV cache, and gRPC clients of every expert group."""
 
     async def __init__(self, model: str, engine: dict, groups: list[dict], directory: str,
-                   experts: list | None = None, wait_for_experts_s: float = 300.0):
+                   telemetry_spec: dict | None = None, experts: list | None = None, wait_for_experts_s: float = 300.0):
         # `experts` are the ExpertGroup deployments' handles: bound here so that Serve deploys
         # them with the app; the data path reaches them over gRPC, not through Serve.
         cfg = msgspec.convert(engine, EngineConfig)
@@ -83,13 +117,18 @@ class Attention:
         placement = Placement.from_groups(
             [[(l, e) for l in (g["layers"] if g["layers"] is not None else range(mc.num_hidden_layers))
               for e in g["experts"]] for g in groups], mc.num_hidden_layers, mc.num_local_experts)
+        self.telemetry = _telemetry("attention", telemetry_spec, ray.util.get_node_ip_address())
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.directory = get_directory(directory)
         version, addresses = await self._wait_for_experts(len(groups), wait_for_experts_s)
         self.transport = GrpcTransport([addresses.get(g, []) for g in range(len(groups))])
         attention = load_attention_model(ckpt, resolve_dtype(cfg.dtype, ckpt, cfg.device), cfg.device)
         engine_ = Engine(attention, self.transport, placement, cfg, eos_id=mc.eos_token_id)
         self.engine = AsyncEngine(engine_, Tokenizer.from_checkpoint(ckpt))
-        self._follow = asyncio.get_running_loop().create_task(self._follow_directory(version, len(groups)))
+        self.stats: dict[str, float] = {}
+        loop = asyncio.get_running_loop()
+        self._follow = loop.create_task(self._follow_directory(version, len(groups)))
+        self._report = loop.create_task(self._report_load(len(groups)))
 
     async def _wait_for_experts(self, num_groups: int, timeout: float):
         deadline = time.monotonic() + timeout
@@ -111,13 +150,45 @@ class Attention:
                 log.exception("following the endpoint directory")
                 await asyncio.sleep(1.0)
 
-    async def generate(self, prompt_ids: list[int], params: dict):
-        """Stream a request's deltas as plain dicts (they cross process boundaries)."""
-        async for delta in self.engine.generate(prompt_ids, SamplingParams(**params)):
+    async def _report_load(self, num_groups: int) -> None:
+        """Every second: the load figures, for telemetry and for the autoscaling policy."""
+        tel, e = self.telemetry, self.engine.engine
+        mine = {"replica": self.replica}
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                rates = e.routing.rates()
+                stats = {f"routed_tps.g{g}": r for g, r in enumerate(rates)}
+                stats.update(running=self.engine.num_running, waiting=self.engine.num_waiting,
+                             kv_usage=e.blocks.usage)
+                self.stats = stats
+                for g, r in enumerate(rates):
+                    tel.routed_rate.set(r, {"group": str(g), **mine})
+                    tel.replicas.set(len(self.transport.live(g)), {"group": str(g), "state": "current"})
+                tel.kv_usage.set(e.blocks.usage, mine)
+                tel.running.set(self.engine.num_running, mine)
+                tel.waiting.set(self.engine.num_waiting, mine)
+                await self.directory.register_metrics.remote(f"attention-{self.replica}", tel.url)
+                for name, r in (await self.directory.scaling.remote()).items():
+                    if name.startswith("ExpertGroup-"):
+                        tel.replicas.set(r["target"], {"group": name.removeprefix("ExpertGroup-"), "state": "target"})
+            except Exception:
+                log.exception("reporting load")
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's controller reads this every metrics interval: routed load per group, requests, KV use."""
+        return self.stats
+
+    async def generate(self, prompt_ids: list[int], params: dict, trace: dict | None = None):
+        """Stream a request's deltas as plain dicts (they cross process boundaries).
+        trace: the front door's trace context as W3C headers."""
+        ctx = telemetry.extract(trace) if trace else None
+        async for delta in self.engine.generate(prompt_ids, SamplingParams(**params), ctx):
             yield dataclasses.asdict(delta)
 
     def load(self) -> dict:
         e = self.engine.engine
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
                 "kv_usage": e.blocks.usage, "expert_replicas": [len(r) for r in self.transport.replicas],
-                "failovers": self.transport.stats.failovers, "node_id": ray.get_runtime_context().get_node_id()}
+                "failovers": self.transport.stats.failovers, "node_id": ray.get_runtime_context().get_node_id(),
+                "rows_per_replica": dict(self.transport.stats.per_replica_rows), "replica": self.replica}

@@ -4,6 +4,9 @@ A named Ray actor. Expert replicas register `host:port` when their gRPC server i
 renew it every second; an entry not renewed for `ttl` seconds is dropped, so a replica
 that died without a word is forgotten within seconds. Attention replicas long-poll
 `wait_for_change` and hand the new lists to their transport.
+
+It also lists where every process serves its Prometheus /metrics (same leases), for the
+front door to gather, and keeps the autoscaling policy's last decisions for telemetry.
 """
 
 import asyncio
@@ -19,6 +22,8 @@ class EndpointDirectory:
     def __init__(self, ttl: float = 5.0):
         self.ttl = ttl
         self.entries: dict[str, tuple[int, str, float]] = {}    # replica id -> (group, address, renewed at)
+        self.metrics: dict[str, tuple[str, float]] = {}     # process -> (/metrics URL, renewed at)
+        self.scaling_report: dict[str, dict] = {}            # deployment -> the policy's last word
         self.version = 0
         self.changed = asyncio.Event()
         self._expiry = asyncio.get_event_loop().create_task(self._expire())
@@ -52,6 +57,18 @@ class EndpointDirectory:
                 pass
         return await self.snapshot()
 
+    async def register_metrics(self, process: str, url: str) -> None:
+        self.metrics[process] = (url, time.monotonic())
+
+    async def metrics_targets(self) -> dict[str, str]:
+        return {p: url for p, (url, _) in self.metrics.items()}
+
+    async def set_scaling(self, report: dict[str, dict]) -> None:
+        self.scaling_report = report
+
+    async def scaling(self) -> dict[str, dict]:
+        return self.scaling_report
+
     async def _expire(self) -> None:
         while True:
             await asyncio.sleep(self.ttl / 5)
@@ -61,6 +78,8 @@ class EndpointDirectory:
                 del self.entries[r]
             if stale:
                 self._bump()
+            for p in [p for p, (_, t) in self.metrics.items() if now - t > self.ttl]:
+                del self.metrics[p]
 
 
 def get_directory(name: str):

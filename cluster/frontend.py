@@ -4,21 +4,27 @@ Text becomes token ids here (the tokenizer needs no model), requests are checked
 and tokens stream back from an Attention replica through a DeploymentHandle.
 """
 
+import os
 from typing import AsyncIterator
 
 import msgspec
 from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
-from cluster import grpc_api
+from cluster import grpc_api, metrics_gather, telemetry
+from cluster.app_config import TelemetrySpec
 from cluster.backend import Backend
+from cluster.dashboard import add_dashboard_routes
+from cluster.directory import get_directory
 from cluster.openai_api import add_openai_routes
+from cluster.request_telemetry import observed
 
 app = FastAPI(title="moe-serve")
-_replica: dict[str, Backend] = {}
+_replica: dict = {}
 
 
 def current_backend() -> Backend:
@@ -27,7 +33,24 @@ def current_backend() -> Backend:
     return _replica["backend"]
 
 
+async def gather_metrics() -> tuple[dict, dict]:
+    """Every process's metrics (this one's and those the directory lists), and the
+    autoscaling policy's last decisions."""
+    directory = _replica["directory"]
+    targets = await directory.metrics_targets.remote()
+    families = await metrics_gather.gather((f"frontend-{os.getpid()}", telemetry.get().text()), targets)
+    return families, await directory.scaling.remote()
+
+
 add_openai_routes(app, current_backend)
+add_dashboard_routes(app, gather_metrics)
+
+
+@app.get("/metrics", response_class=PlainTextResponse)
+async def metrics() -> str:
+    """The whole app's metrics in Prometheus text format; each series has a `process` label."""
+    families, _ = await gather_metrics()
+    return metrics_gather.render(families)
 
 
 class ServeBackend:
@@ -37,8 +60,11 @@ class ServeBackend:
         self.attention = attention.options(stream=True)
         self.tokenizer, self.model_name, self.max_model_len = tokenizer, model_name, max_model_len
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[dict]:
-        gen = self.attention.generate.remote(prompt_ids, msgspec.to_builtins(params))
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[dict]:
+        return observed(lambda trace: self._stream(prompt_ids, params, trace), len(prompt_ids), self.model_name)
+
+    async def _stream(self, prompt_ids: list[int], params: SamplingParams, trace: dict) -> AsyncIterator[dict]:
+        gen = self.attention.generate.remote(prompt_ids, msgspec.to_builtins(params), trace or None)
         done = False
         try:
             async for delta in gen:
@@ -51,9 +77,12 @@ class ServeBackend:
 
 @serve.ingress(app)
 class Frontend:
-    def __init__(self, attention: DeploymentHandle, model: str, model_name: str, max_model_len: int):
+    def __init__(self, attention: DeploymentHandle, model: str, model_name: str, max_model_len: int,
+                 directory: str, telemetry_spec: dict | None = None):
+        telemetry.init("frontend", msgspec.convert(telemetry_spec or {}, TelemetrySpec))
         self.backend = ServeBackend(attention, Tokenizer.from_checkpoint(model), model_name, max_model_len)
         _replica["backend"] = self.backend
+        _replica["directory"] = get_directory(directory)
 
     async def Generate(self, request, grpc_context=None):
         """gRPC Generation.Generate, called by Serve's gRPC proxy: a stream of GenerateResponse."""

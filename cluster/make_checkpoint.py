@@ -73,10 +73,29 @@ def _copy_tokenizer(cfg: ModelConfig, out: Path) -> None:
     shutil.copyfile(Path(mistral_common.__file__).parent / "data" / src, out / dst)
 
 
+def _favour(tensors: dict[str, torch.Tensor], experts: list[int], bias: float) -> None:
+    """Make every router prefer `experts`, for skewed-load tests and benchmarks.
+
+    A gate has no bias term, so one is built from the weights: every token embedding gets
+    a large constant in hidden dim 0, which the residual stream carries into each layer's
+    normed router input as a large positive value; the favoured experts' gate rows get a
+    weight on that dim, `bias` / sqrt(D). On the tiny preset, 0.4 sends about 80% of the
+    routed pairs to experts 0, 2, 4, 6 when those are favoured, 1.0 nearly all.
+    """
+    for name, t in tensors.items():
+        if name == "model.embed_tokens.weight":
+            t[:, 0] += 4.0 * t.shape[1] ** 0.5
+        elif name.endswith("block_sparse_moe.gate.weight"):
+            t[:, 0] = 0.0
+            t[experts, 0] = bias / t.shape[1] ** 0.5
+
+
 def write_random_checkpoint(
-    cfg: ModelConfig, out: Path, shards: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32
+    cfg: ModelConfig, out: Path, shards: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32,
+    favour_experts: list[int] | None = None, favour: float = 0.4,
 ) -> Path:
-    """Write config, generation config, tokenizer and random weights into `out`; returns `out`."""
+    """Write config, generation config, tokenizer and random weights into `out`; returns `out`.
+    favour_experts: experts every router should prefer, `favour` saying how strongly (skewed load)."""
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"unsupported dtype {dtype}; use one of {list(_DTYPE_NAMES.values())}")
     out = Path(out)
@@ -95,9 +114,10 @@ def write_random_checkpoint(
     weight_map: dict[str, str] = {}
     for k, group in enumerate(groups, start=1):
         fname = SINGLE_FILE if shards == 1 else f"model-{k:05d}-of-{shards:05d}.safetensors"
-        tensors = {
-            layout[i][0]: _random_tensor(layout[i][0], layout[i][1], seed, cfg).to(dtype) for i in group
-        }
+        tensors = {layout[i][0]: _random_tensor(layout[i][0], layout[i][1], seed, cfg) for i in group}
+        if favour_experts:
+            _favour(tensors, favour_experts, favour)
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         (out / fname).chmod(0o644)  # safetensors writes 0600; Ray workers may run as another user
         weight_map.update(dict.fromkeys(tensors, fname))

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import grpc
 import torch
+from opentelemetry import trace
 
+from cluster import telemetry
 from cluster.checkpoint import Checkpoint, resolve_dtype
 from expert_service.experts import ExpertWeights
 from expert_service.loader import load_experts
@@ -64,6 +66,10 @@ class ExpertShardServicer:
         self.device = torch.device(device)
         self.draining = False
         self.inflight = 0
+        self.busy_seconds = 0.0          # compute time, cumulative: the busy fraction is its rate
+        self.labels = {"group": shard_id, "replica": shard_id}     # serve() names the replica by address
+        self.telemetry = telemetry.get()
+        self.telemetry.busy_sources.add(self)
         self._idle = asyncio.Event()
         self._idle.set()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"experts-{shard_id}")
@@ -109,6 +115,7 @@ class ExpertShardServicer:
             if out.is_cuda:  # kernels are asynchronous; time them, not their launch
                 torch.cuda.synchronize(out.device)
             seconds = time.perf_counter() - start
+            self.busy_seconds += seconds
             rows = int((ids >= 0).sum())
         result = pb.ExpertResult(batch_id=msg.batch_id, compute_seconds=seconds, rows=rows)
         return codec.pack(result, output=out)
@@ -131,6 +138,14 @@ class ExpertShardServicer:
             batch = self._prepare(request)
         except BadBatch as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        metadata = context.invocation_metadata()
+        if metadata and any(k == "traceparent" for k, _ in metadata):
+            # The sender's step is traced: this batch's compute joins the request's trace.
+            with self.telemetry.tracer.start_as_current_span(
+                    "moe_serve.expert.compute", context=telemetry.extract(metadata), kind=trace.SpanKind.SERVER,
+                    attributes={"moe_serve.layer": batch[0].layer, "moe_serve.rows": int(batch[1].shape[0]),
+                                "moe_serve.shard": self.shard_id}):
+                return await self._result(batch[0].batch_id, self._submit(batch), context)
         return await self._result(batch[0].batch_id, self._submit(batch), context)
 
     async def _result(self, batch_id: int, fut: asyncio.Future, context) -> bytes:
@@ -238,8 +253,10 @@ def _ids(ids: list[int] | None) -> str:
 
 async def serve(model_dir: str | Path, experts: list[int], layers: list[int] | None = None, port: int = 0,
                 host: str = "127.0.0.1", device: str = "cpu", dtype: str = "auto", shard_id: str | None = None,
-                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[ShardServer, int]:
-    """Load `experts` of `layers` (None: all) from model_dir and serve them; port 0 picks one."""
+                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, group: int | None = None
+                ) -> tuple[ShardServer, int]:
+    """Load `experts` of `layers` (None: all) from model_dir and serve them; port 0 picks one.
+    `group`: the expert group this shard is a replica of, for telemetry labels."""
     ckpt = Checkpoint(model_dir, require_tokenizer=False)
     cfg = ckpt.config
     if not experts:
@@ -263,6 +280,7 @@ async def serve(model_dir: str | Path, experts: list[int], layers: list[int] | N
         raise RuntimeError(f"cannot listen on {_host_port(host, port)}")
     await server.start()
     address = _host_port(host, bound)
+    servicer.labels = {"group": str(group) if group is not None else shard_id, "replica": address}
     log.info("expert shard %s serving %d (layer, expert) pairs, experts %s, layers %s, %s on %s, on %s",
              shard_id, len(pairs), _ids(experts), _ids(layers), _name(torch_dtype), device, address)
     return ShardServer(server, servicer, address), bound

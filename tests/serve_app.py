@@ -7,7 +7,7 @@ import ray
 from ray import serve
 
 from cluster import app_config
-from cluster.builder import build_app, serve_options
+from cluster.builder import deploy
 
 
 def free_port() -> int:
@@ -26,8 +26,7 @@ def running_app(model, address: str | None = None, **config):
         ray.init(_node_ip_address="127.0.0.1", num_cpus=16, include_dashboard=False, namespace="moe-serve",
                  log_to_driver=False)
     try:
-        serve.start(**serve_options(cfg))
-        serve.run(build_app(cfg, str(model)), name=cfg.name, route_prefix="/")
+        deploy(cfg, str(model))
         yield cfg, f"http://127.0.0.1:{cfg.http_port}", f"127.0.0.1:{cfg.grpc_port}"
     finally:
         serve.shutdown()

@@ -21,8 +21,10 @@ PROMPT_IDS = [1, 415, 5565, 302, 4843]
 
 @pytest.fixture(scope="module")
 def app(tiny_ckpt):
-    # Group 0 runs two replicas so one can die while streams run.
-    with running_app(tiny_ckpt, expert_groups=[{"experts": [0, 2, 4, 6], "replicas": 2},
+    # Group 0 runs two replicas so one can die while streams run (bounds keep the policy from
+    # scaling it down meanwhile).
+    with running_app(tiny_ckpt, expert_groups=[{"experts": [0, 2, 4, 6], "replicas": 2,
+                                                "scaling": {"min_replicas": 2, "max_replicas": 2}},
                                                {"experts": [1, 3, 5, 7]}]) as (cfg, url, grpc_target):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         yield cfg, url, grpc_target, client, client.models.list().data[0].id

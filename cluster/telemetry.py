@@ -1,0 +1,178 @@
+"""Metrics and traces: one OpenTelemetry MeterProvider and TracerProvider per process.
+
+Metrics go to a Prometheus registry served at /metrics (each attention and expert
+process on its own port, which the endpoint directory lists; the front door's /metrics
+gathers them all) and, when configured, to an OTLP collector with the traces.
+
+Names follow the GenAI semantic conventions where they exist, with their bucket
+boundaries; the rest are ours, under `moe_serve.`. On /metrics a name reads with
+underscores, a unit suffix and `_total` on counters, e.g. `moe_serve_router_routed_tokens_total`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import weakref
+from collections import Counter
+from typing import Callable, Iterable
+
+import prometheus_client
+from opentelemetry import context as otel_context, propagate, trace
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+log = logging.getLogger("moe-serve.telemetry")
+
+# The GenAI conventions' advisory boundaries.
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
+TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
+DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
+TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]
+# Expert RPCs are sub-millisecond on GPUs and tens of milliseconds on a busy CPU.
+RPC_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
+ROWS_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+class Telemetry:
+    """This process's providers, instruments and /metrics server."""
+
+    def __init__(self, service: str, spec=None):
+        from cluster.app_config import TelemetrySpec
+
+        spec = spec or TelemetrySpec()
+        self.service, self.spec = service, spec
+        resource = Resource.create({"service.name": f"moe-serve-{service}", "service.instance.id": str(os.getpid())})
+        self.registry = prometheus_client.CollectorRegistry()
+        readers = [PrometheusMetricReader(registry=self.registry, scope_info_enabled=False)]
+        self.tracer_provider = TracerProvider(resource=resource,
+                                              sampler=ParentBased(TraceIdRatioBased(spec.trace_sample_ratio)))
+        if spec.otlp_endpoint:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=spec.otlp_endpoint, insecure=True)))
+            self.tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=spec.otlp_endpoint,
+                                                                                        insecure=True)))
+        if spec.trace_dir:
+            os.makedirs(spec.trace_dir, exist_ok=True)
+            out = open(os.path.join(spec.trace_dir, f"spans-{os.getpid()}.jsonl"), "a", buffering=1)
+            self.tracer_provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(
+                out=out, formatter=lambda s: json.dumps(json.loads(s.to_json())) + "\n")))
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        self.meter = self.meter_provider.get_meter("moe-serve")
+        self.tracer = self.tracer_provider.get_tracer("moe-serve")
+        self.url: str | None = None
+        m = self.meter
+        # Front door: the GenAI server conventions.
+        self.ttft = m.create_histogram("gen_ai.server.time_to_first_token", "s", "Time to the first output token",
+                                       explicit_bucket_boundaries_advisory=TTFT_BUCKETS)
+        self.tpot = m.create_histogram("gen_ai.server.time_per_output_token", "s",
+                                       "Time per output token after the first",
+                                       explicit_bucket_boundaries_advisory=TPOT_BUCKETS)
+        self.duration = m.create_histogram("gen_ai.server.request.duration", "s", "Request duration",
+                                           explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.token_usage = m.create_histogram("gen_ai.client.token.usage", "{token}",
+                                              "Input and output tokens per request",
+                                              explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+        self.requests = m.create_counter("moe_serve.requests", "{request}", "Requests by outcome")
+        # Attention side: what crosses the wire to each expert group and replica.
+        self.rpc_duration = m.create_histogram("moe_serve.expert.rpc.duration", "s",
+                                               "Expert Forward RPC round trip, per group and replica",
+                                               explicit_bucket_boundaries_advisory=RPC_BUCKETS)
+        self.batch_rows = m.create_histogram("moe_serve.expert.batch.rows", "{row}",
+                                             "Token rows per expert RPC, per group and replica",
+                                             explicit_bucket_boundaries_advisory=ROWS_BUCKETS)
+        self.wire_bytes = m.create_counter("moe_serve.wire.bytes", "By", "Expert RPC message bytes by direction")
+        self.replicas = m.create_gauge("moe_serve.expert.replicas", "{replica}",
+                                       "Expert group replicas: current (live, as attention sees them) and target")
+        self.routed_rate = m.create_gauge("moe_serve.router.routed_tokens_rate", "{token}/s",
+                                          "Routed (token, expert) pairs per second per group, last window")
+        self.kv_usage = m.create_gauge("moe_serve.kv_cache.usage", "1", "Fraction of KV cache blocks in use")
+        self.running = m.create_gauge("moe_serve.requests.running", "{request}", "Requests in the running batch")
+        self.waiting = m.create_gauge("moe_serve.requests.waiting", "{request}", "Requests waiting to start")
+        # Expert side.
+        self.busy = m.create_gauge("moe_serve.expert.busy", "1", "Fraction of wall time an expert replica computed")
+
+        # Counts kept by the data path in plain Python and torch, read only at collection time,
+        # so a step or an RPC pays nothing for them. Sources register themselves here.
+        self.routing_sources: weakref.WeakSet = weakref.WeakSet()    # router.routing_stats.RoutingStats
+        self.wire_sources: weakref.WeakSet = weakref.WeakSet()       # grpc_transport.WireStats
+        self.busy_sources: weakref.WeakSet = weakref.WeakSet()       # objects with .busy_seconds, .labels
+        self._observe_counter("moe_serve.router.routed_tokens", "{token}",
+                              "Routed (token, expert) pairs, per layer, expert and group", self._routed)
+        self._observe_counter("moe_serve.wire.bytes", "By", "Expert RPC message bytes, per group and direction",
+                              self._wire)
+        self._observe_counter("moe_serve.expert.busy_time", "s", "Seconds an expert replica spent computing",
+                              lambda: [(s.busy_seconds, s.labels) for s in list(self.busy_sources)])
+
+    def _observe_counter(self, name: str, unit: str, description: str,
+                         fn: Callable[[], Iterable[tuple[float, dict]]]) -> None:
+        def callback(_: CallbackOptions):
+            return [Observation(v, a) for v, a in fn()]
+        self.meter.create_observable_counter(name, [callback], unit, description)
+
+    def _routed(self):
+        total: Counter = Counter()
+        for r in list(self.routing_sources):
+            counts, groups = r.snapshot().tolist(), r.group_of.tolist()
+            for layer, row in enumerate(counts):
+                for expert, n in enumerate(row):
+                    total[(layer, expert, groups[layer][expert])] += n
+        return [(n, {"layer": str(l), "expert": str(e), "group": str(g)}) for (l, e, g), n in total.items()]
+
+    def _wire(self):
+        total: Counter = Counter()
+        for w in list(self.wire_sources):
+            total.update(dict(w.per_group_bytes))
+        return [(n, {"group": str(g), "direction": d}) for (g, d), n in total.items()]
+
+    def serve_metrics(self, host: str = "0.0.0.0", port: int | None = None) -> str:
+        """Serve /metrics on a port of this process (0: a free one); -> its URL."""
+        port = self.spec.metrics_port if port is None else port
+        server, _ = prometheus_client.start_http_server(port, addr=host, registry=self.registry)
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        self.url = f"http://{shown}:{server.server_address[1]}/metrics"
+        return self.url
+
+    def text(self) -> str:
+        return prometheus_client.generate_latest(self.registry).decode()
+
+
+_lock = threading.Lock()
+_current: Telemetry | None = None
+
+
+def init(service: str, spec=None) -> Telemetry:
+    """This process's telemetry, made on first call; later calls return the same."""
+    global _current
+    with _lock:
+        if _current is None:
+            _current = Telemetry(service, spec)
+        return _current
+
+
+def get() -> Telemetry:
+    """The process's telemetry; a default one (no export but /metrics text) if none was set up."""
+    return _current or init("process")
+
+
+def inject(context: otel_context.Context | None = None) -> dict[str, str]:
+    """A trace context (default: the current one) as W3C headers, for gRPC metadata and handle calls."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=context)
+    return carrier
+
+
+def extract(carrier: dict[str, str] | Iterable[tuple[str, str]] | None) -> otel_context.Context:
+    if not carrier:
+        return otel_context.Context()
+    return propagate.extract(dict(carrier))
