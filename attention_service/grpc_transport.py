@@ -78,8 +78,10 @@ class GrpcTransport:
         self.telemetry = telemetry.get()
         self.telemetry.wire_sources.add(self.stats)
         self._ids = itertools.count()
-        # One rotation per group: a shared counter would give a group the same parity every step.
-        self._turns: dict[int, itertools.count] = collections.defaultdict(itertools.count)
+        # One rotation per (group, layer): with one shared counter, or one per group, the
+        # RPCs of a step take turns in a fixed order, so with as many replicas as layers a
+        # replica would always get the same layer, and layers differ in how many rows they route.
+        self._turns: dict[tuple[int, int], itertools.count] = collections.defaultdict(itertools.count)
 
     def set_replicas(self, group: int, addresses: list[str]) -> None:
         """Follow the endpoint directory: keep known replicas, open new ones, drop the gone."""
@@ -103,7 +105,7 @@ class GrpcTransport:
         live = self.live(b.group) or self.replicas[b.group]   # all set aside: try them anyway, once more
         R = len(b.rows)
         n = max(1, min(len(live), R // self.min_rows))
-        first = next(self._turns[b.group])
+        first = next(self._turns[(b.group, layer)])
         bounds = [R * i // n for i in range(n + 1)]
         parts = [self._slice(layer, y, b, bounds[i], bounds[i + 1], live[(first + i) % len(live)])
                  for i in range(n)]

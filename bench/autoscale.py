@@ -10,8 +10,12 @@ it; the front door's /metrics is scraped every half second.
 
 Figures (one line each):
 - imbalance before / after: the busiest expert replica's load over the mean expert replica
-  load, load being the rows it served per second (`moe_serve_expert_batch_rows_sum` per
-  replica). "Before" is a window after the load starts and before the policy may act (its
+  load, load being the (token, expert) pairs it computed per second
+  (`moe_serve_expert_pairs_total` per replica; the unit the policy's target is in; a row
+  carries one or two of a group's experts, so rows would not do), over the replicas serving
+  at the end of the window. Rows/s and busy fraction per replica are printed beside it
+  (on the tiny model a batch's compute is mostly fixed cost, so busy time follows the
+  number of RPCs more than the work in them). "Before" is a window after the load starts and before the policy may act (its
   upscale delay); "after" is a window once the replica counts have been steady for a while.
   Target after: <= 1.25.
 - time from the load change to the policy's decision (target gauge), to the new replica
@@ -62,33 +66,39 @@ class Scraper:
     """The front door's /metrics every half second: per-replica rows and the replica gauges."""
 
     def __init__(self, url: str):
-        self.url, self.series = url, []          # (t, {replica: rows}, {group: {state: n}}, {replica: group})
+        # (t, {replica: rows}, {group: {state: n}}, {replica: busy s}, {replica: pairs})
+        self.url, self.series = url, []
 
     def scrape(self) -> None:
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
             f = parse(r.read().decode())
-        rows, groups, replicas = {}, {}, {}
+        rows, groups, busy, pairs = {}, {}, {}, {}
+        for s in samples(f, "moe_serve_expert_pairs_total"):
+            pairs[s.labels["replica"]] = s.value
         for s in samples(f, "moe_serve_expert_batch_rows_sum"):
             rows[s.labels["replica"]] = rows.get(s.labels["replica"], 0.0) + s.value
-            replicas[s.labels["replica"]] = s.labels["group"]
+        for s in samples(f, "moe_serve_expert_busy_time_seconds_total"):
+            busy[s.labels["replica"]] = s.value
         for s in samples(f, "moe_serve_expert_replicas"):
             groups.setdefault(s.labels["group"], {})[s.labels["state"]] = int(s.value)
-        self.series.append((time.perf_counter(), rows, groups, replicas))
+        self.series.append((time.perf_counter(), rows, groups, busy, pairs))
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await asyncio.to_thread(self.scrape)
             await asyncio.sleep(0.5)
 
-    def window(self, t0: float, t1: float) -> dict[str, float]:
-        """Rows per second per replica over [t0, t1] (nearest scrapes)."""
+    def window(self, t0: float, t1: float, field: int = 1) -> dict[str, float]:
+        """Per replica, the rate of a cumulative series over [t0, t1] (nearest scrapes):
+        field 1 rows/s, 3 busy fraction, 4 pairs/s. Replicas gone by t1 are left out."""
         a = min(self.series, key=lambda x: abs(x[0] - t0))
         b = min(self.series, key=lambda x: abs(x[0] - t1))
         dt = max(b[0] - a[0], 1e-6)
-        return {r: (n - a[1].get(r, 0.0)) / dt for r, n in b[1].items()}
+        return {r: (n - a[field].get(r, 0.0)) / dt for r, n in b[field].items()}
 
     def first(self, pred) -> float | None:
-        return next((t for t, *rest in self.series if pred(*rest)), None)
+        """The first scrape time at which pred(rows, groups) holds."""
+        return next((t for t, rows, groups, *_ in self.series if pred(rows, groups)), None)
 
 
 def imbalance(rates: dict[str, float]) -> float:
@@ -126,13 +136,13 @@ async def main_async(a, url: str, model: str) -> dict:
     await asyncio.sleep(2)
     t_load = time.perf_counter()
     loader = asyncio.create_task(load(url, model, a, stop_load))
-    group0 = lambda rows, groups, reps: groups.get("0", {})   # noqa: E731
+    group0 = lambda rows, groups: groups.get("0", {})   # noqa: E731
     # Wait for the policy to act, then for the counts to settle, then measure "after".
-    while sc.first(lambda rows, groups, reps: group0(rows, groups, reps).get("target", 1) > 1) is None:
+    while sc.first(lambda rows, groups: group0(rows, groups).get("target", 1) > 1) is None:
         if time.perf_counter() - t_load > 120:
             raise RuntimeError("the policy did not scale group 0 up within 120 s")
         await asyncio.sleep(0.5)
-    t_decided = sc.first(lambda rows, groups, reps: group0(rows, groups, reps).get("target", 1) > 1)
+    t_decided = sc.first(lambda rows, groups: group0(rows, groups).get("target", 1) > 1)
     last_change = time.perf_counter()
     seen = None
     while time.perf_counter() - last_change < 8:
@@ -155,12 +165,15 @@ async def main_async(a, url: str, model: str) -> dict:
     before = (t_load + 2, t_load + min(a.upscale_delay, 8) - 0.5)
     early = min(sc.series, key=lambda x: abs(x[0] - before[1]))[1]
     first_reps = {r for r, n in early.items() if n > 0}
-    t_serving = sc.first(lambda rows, groups, reps: any(r not in first_reps and n > 0 for r, n in rows.items()))
-    t_running = sc.first(lambda rows, groups, reps: group0(rows, groups, reps).get("current", 1) > 1)
+    t_serving = sc.first(lambda rows, groups: any(r not in first_reps and n > 0 for r, n in rows.items()))
+    t_running = sc.first(lambda rows, groups: group0(rows, groups).get("current", 1) > 1)
     rb, ra = sc.window(*before), sc.window(t_after0, t_after1)
+    bb, ba = sc.window(*before, field=3), sc.window(t_after0, t_after1, field=3)
+    pb, pa = sc.window(*before, field=4), sc.window(t_after0, t_after1, field=4)
     return {
-        "imbalance_before": imbalance(rb), "imbalance_after": imbalance(ra),
-        "rows_per_s_before": rb, "rows_per_s_after": ra,
+        "imbalance_before": imbalance(pb), "imbalance_after": imbalance(pa),
+        "pairs_per_s_before": pb, "pairs_per_s_after": pa,
+        "busy_before": bb, "busy_after": ba, "rows_per_s_before": rb, "rows_per_s_after": ra,
         "replicas_after": min(sc.series, key=lambda x: abs(x[0] - t_after1))[2],
         "decision_s": t_decided - t_load, "running_s": (t_running or float("nan")) - t_load,
         "serving_s": (t_serving or float("nan")) - t_load, "scale_down_s": t_down - t_stop,
@@ -210,13 +223,18 @@ def main() -> int:
         ray.shutdown()
     engine, tok = build_engine(ckpt, EngineConfig(), 2)
     (seq,) = asyncio.run(engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)))
-    same = served == tok.decode(seq.output_ids)
+    ctx = prompt[-6:]              # the front door decodes with the prompt's end as context
+    same = served == tok.decode(ctx + seq.output_ids)[len(tok.decode(ctx)):]
     ok = same and fig["num_errors"] == 0 and fig["back_to_min"]
 
     ms = lambda s: f"{s * 1000:.1f}"   # noqa: E731
-    print(f"autoscale imbalance_before={fig['imbalance_before']:.2f} (busiest expert replica / mean, rows/s)")
+    print(f"autoscale imbalance_before={fig['imbalance_before']:.2f} (busiest expert replica / mean, pairs/s)")
     print(f"autoscale imbalance_after={fig['imbalance_after']:.2f} (target <= {TARGET_IMBALANCE}: "
           f"{'met' if fig['imbalance_after'] <= TARGET_IMBALANCE else 'NOT met'})")
+    print(f"autoscale pairs_per_s_before={ {k: round(v, 1) for k, v in fig['pairs_per_s_before'].items()} }")
+    print(f"autoscale pairs_per_s_after={ {k: round(v, 1) for k, v in fig['pairs_per_s_after'].items()} }")
+    print(f"autoscale busy_before={ {k: round(v, 4) for k, v in fig['busy_before'].items()} }")
+    print(f"autoscale busy_after={ {k: round(v, 4) for k, v in fig['busy_after'].items()} }")
     print(f"autoscale rows_per_s_before={ {k: round(v, 1) for k, v in fig['rows_per_s_before'].items()} }")
     print(f"autoscale rows_per_s_after={ {k: round(v, 1) for k, v in fig['rows_per_s_after'].items()} }")
     print(f"autoscale time_to_decision_s={fig['decision_s']:.1f} (upscale delay {a.upscale_delay:.0f} s)")

@@ -106,13 +106,15 @@ class Telemetry:
         # so a step or an RPC pays nothing for them. Sources register themselves here.
         self.routing_sources: weakref.WeakSet = weakref.WeakSet()    # router.routing_stats.RoutingStats
         self.wire_sources: weakref.WeakSet = weakref.WeakSet()       # grpc_transport.WireStats
-        self.busy_sources: weakref.WeakSet = weakref.WeakSet()       # objects with .busy_seconds, .labels
+        self.busy_sources: weakref.WeakSet = weakref.WeakSet()       # objects with .busy_seconds, .pairs, .labels
         self._observe_counter("moe_serve.router.routed_tokens", "{token}",
                               "Routed (token, expert) pairs, per layer, expert and group", self._routed)
         self._observe_counter("moe_serve.wire.bytes", "By", "Expert RPC message bytes, per group and direction",
                               self._wire)
         self._observe_counter("moe_serve.expert.busy_time", "s", "Seconds an expert replica spent computing",
                               lambda: [(s.busy_seconds, s.labels) for s in list(self.busy_sources)])
+        self._observe_counter("moe_serve.expert.pairs", "{pair}", "(token, expert) pairs an expert replica computed",
+                              lambda: [(s.pairs, s.labels) for s in list(self.busy_sources)])
 
     def _observe_counter(self, name: str, unit: str, description: str,
                          fn: Callable[[], Iterable[tuple[float, dict]]]) -> None:

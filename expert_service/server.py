@@ -67,6 +67,7 @@ class ExpertShardServicer:
         self.draining = False
         self.inflight = 0
         self.busy_seconds = 0.0          # compute time, cumulative: the busy fraction is its rate
+        self.pairs = 0                   # (token, expert) pairs computed, cumulative: the work done
         self.labels = {"group": shard_id, "replica": shard_id}     # serve() names the replica by address
         self.telemetry = telemetry.get()
         self.telemetry.busy_sources.add(self)
@@ -117,6 +118,7 @@ class ExpertShardServicer:
             seconds = time.perf_counter() - start
             self.busy_seconds += seconds
             rows = int((ids >= 0).sum())
+            self.pairs += rows
         result = pb.ExpertResult(batch_id=msg.batch_id, compute_seconds=seconds, rows=rows)
         return codec.pack(result, output=out)
 

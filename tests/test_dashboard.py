@@ -25,10 +25,11 @@ GROUP_OF = torch.arange(EXPERTS).repeat(LAYERS, 1) // (EXPERTS // GROUPS)      #
 
 
 class Busy:
-    """What an expert servicer registers: cumulative compute seconds and its labels."""
+    """What an expert servicer registers: cumulative compute seconds, pairs computed, its labels."""
 
     def __init__(self, group: int, replica: str, seconds: float):
         self.busy_seconds, self.labels = seconds, {"group": str(group), "replica": replica}
+        self.pairs = int(seconds * 1000)
 
 
 def route(stats: RoutingStats, tokens: int, seed: int, hot: int = 1) -> None:

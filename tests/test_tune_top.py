@@ -35,6 +35,7 @@ REPLICAS = {0: ["10.0.0.1:7001", "10.0.0.2:7001"], 1: ["10.0.0.3:7001"]}
 class Busy:
     def __init__(self, group: int, replica: str):
         self.busy_seconds, self.labels = 0.0, {"group": str(group), "replica": replica}
+        self.pairs = 0
 
 
 def level(t: float) -> float:
@@ -67,6 +68,7 @@ def simulate(seconds: float = 120, dt: float = 2.0, seed: int = 0) -> tuple[list
                 routing.add(layer, ids)
             for b in busy[g]:
                 b.busy_seconds += pairs / CAPACITY[g] / len(busy[g]) * rnd.uniform(0.97, 1.03)
+                b.pairs += round(pairs / len(busy[g]))
                 exp.busy.set(min(1.0, pairs / CAPACITY[g] / len(busy[g]) / dt), b.labels)
             # RPCs slow down once a replica is past half busy: what tune reads without busy time.
             lat = 0.002 * (1 + max(0.0, demand / len(busy[g]) / CAPACITY[g] - 0.5) * 8)
