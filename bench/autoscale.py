@@ -143,12 +143,15 @@ async def main_async(a, url: str, model: str) -> dict:
             raise RuntimeError("the policy did not scale group 0 up within 120 s")
         await asyncio.sleep(0.5)
     t_decided = sc.first(lambda rows, groups: group0(rows, groups).get("target", 1) > 1)
+    # Steady: group 0's current and target counts and the set of expert replicas reporting
+    # work all unchanged for 8 s (a replica that restarts shows as a new address).
     last_change = time.perf_counter()
     seen = None
     while time.perf_counter() - last_change < 8:
-        now = sc.series[-1][2].get("0", {})
-        if (now.get("current"), now.get("target")) != seen:
-            seen, last_change = (now.get("current"), now.get("target")), time.perf_counter()
+        _, _, groups, _, pairs = sc.series[-1]
+        now = (groups.get("0", {}).get("current"), groups.get("0", {}).get("target"), frozenset(pairs))
+        if now != seen:
+            seen, last_change = now, time.perf_counter()
         await asyncio.sleep(0.5)
     t_after0 = time.perf_counter()
     await asyncio.sleep(a.steady_s)

@@ -140,6 +140,7 @@ def test_skewed_load_scales_the_busy_group_only_and_back(skewed_app):
             ("moe_serve_expert_replicas", ("group", "state")),
             ("moe_serve_expert_busy", ("group", "replica")),
             ("moe_serve_expert_busy_time_seconds_total", ("group", "replica")),
+            ("moe_serve_expert_pairs_total", ("group", "replica")),
             ("moe_serve_expert_rpc_duration_seconds_bucket", ("group", "replica", "le")),
             ("moe_serve_expert_batch_rows_bucket", ("group", "replica")),
             ("moe_serve_wire_bytes_total", ("group", "direction")),
