@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from attention_service.attention import AttentionMetadata, paged_attention
+# The matmul helpers the expert math uses too: fp32 weights on CPU go to oneDNN (see pack_linear).
+from expert_service.experts import linear, pack_linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,22 +38,24 @@ def rope(positions: torch.Tensor, dim_head: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, Dh]; cos, sin [T, Dh]."""
+    """x [T, heads, Dh]; cos, sin [T, Dh] -> x * cos + rotate_half(x) * sin, a new tensor."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+    # Computed in cos's dtype (fp32) and rounded once at the end, whatever x's dtype; for fp32
+    # x the .to is free. In place on the fresh `rotated`: two passes instead of three, and no
+    # new tensors.
+    rotated = torch.cat([-x2, x1], dim=-1).to(cos.dtype)
+    return rotated.mul_(sin[:, None, :]).addcmul_(x, cos[:, None, :]).to(x.dtype)
 
 
 class AttentionLayer:
-    """One layer's attention-side weights, named as in the checkpoint."""
+    """One layer's attention-side weights, from the checkpoint's names."""
 
     def __init__(self, w: dict[str, torch.Tensor], prefix: str):
         self.input_norm = w[f"{prefix}.input_layernorm.weight"]                # [D]
         self.post_norm = w[f"{prefix}.post_attention_layernorm.weight"]        # [D]
-        self.q = w[f"{prefix}.self_attn.q_proj.weight"]                         # [H*Dh, D]
-        self.k = w[f"{prefix}.self_attn.k_proj.weight"]                         # [KVH*Dh, D]
-        self.v = w[f"{prefix}.self_attn.v_proj.weight"]                         # [KVH*Dh, D]
-        self.o = w[f"{prefix}.self_attn.o_proj.weight"]                         # [D, H*Dh]
+        # q, k and v stacked: one matmul over the step's tokens instead of three.
+        self.qkv = pack_linear(torch.cat([w[f"{prefix}.self_attn.{n}_proj.weight"] for n in "qkv"]))  # [(H+2KVH)*Dh, D]
+        self.o = pack_linear(w[f"{prefix}.self_attn.o_proj.weight"])          # [D, H*Dh]
         self.gate = w[f"{prefix}.block_sparse_moe.gate.weight"]                 # [E, D]
 
 
@@ -70,7 +74,7 @@ class AttentionModel:
         self.embed_tokens = weights["model.embed_tokens.weight"]                 # [V, D]
         self.layers = [AttentionLayer(weights, f"model.layers.{l}") for l in range(cfg.num_hidden_layers)]
         self.norm = weights["model.norm.weight"]                                  # [D]
-        self.lm_head = weights.get("lm_head.weight", self.embed_tokens)          # [V, D]
+        self.lm_head = pack_linear(weights.get("lm_head.weight", self.embed_tokens))   # [V, D]
         self.dtype, self.device = self.embed_tokens.dtype, self.embed_tokens.device
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -86,12 +90,13 @@ class AttentionModel:
         w = self.layers[layer]
         T = x.shape[0]
         a = rms_norm(x, w.input_norm, self.eps)
-        q = F.linear(a, w.q).view(T, self.n_heads, self.dim_head)
-        k = F.linear(a, w.k).view(T, self.n_kv_heads, self.dim_head)
-        v = F.linear(a, w.v).view(T, self.n_kv_heads, self.dim_head)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta)                 # [T, H, Dh]
-        return x + F.linear(o.reshape(T, -1), w.o)
+        H, KVH, Dh = self.n_heads, self.n_kv_heads, self.dim_head
+        qkv = linear(a, w.qkv)                                               # [T, (H + 2KVH) * Dh]
+        # q and k rotated together: one pass of each op over both.
+        qk = apply_rope(qkv[:, :(H + KVH) * Dh].view(T, H + KVH, Dh), cos, sin)
+        v = qkv[:, (H + KVH) * Dh:].view(T, KVH, Dh)
+        o = paged_attention(qk[:, :H], qk[:, H:], v, k_cache, v_cache, meta)   # [T, H, Dh]
+        return x + linear(o.reshape(T, -1), w.o)
 
     def moe_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """h [T, D] -> y [T, D] = RMSNorm_2(h), what the router and experts see."""
@@ -102,5 +107,4 @@ class AttentionModel:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, D] (last positions) -> logits [B, V] in fp32."""
-        # W [V, D] @ x.T streams the vocabulary-sized weight faster than x @ W.T for small B.
-        return (self.lm_head @ rms_norm(x, self.norm, self.eps).T).T.float()
+        return linear(rms_norm(x, self.norm, self.eps), self.lm_head).float()

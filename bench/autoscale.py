@@ -221,6 +221,8 @@ def main() -> int:
         served = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0,
                                            extra_body={"ignore_eos": True}).choices[0].text
         fig = asyncio.run(main_async(a, url, model))
+        # Replicas set aside after a failed RPC would take fewer rows: say how many there were.
+        fig["attention_load"] = serve.get_deployment_handle("Attention", app_name=cfg.name).load.remote().result()
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -247,7 +249,8 @@ def main() -> int:
           f"ratio={fig['tpot_p99_after_s'] / fig['tpot_p99_before_s']:.2f}")
     print(f"autoscale time_to_scale_down_s={fig['scale_down_s']:.1f} (downscale delay {a.downscale_delay:.0f} s)")
     print(f"autoscale replicas_after={fig['replicas_after']}")
-    print(f"autoscale requests={fig['requests']} errors={fig['num_errors']}")
+    print(f"autoscale requests={fig['requests']} errors={fig['num_errors']} "
+          f"expert_rpc_failovers={fig['attention_load']['failovers']}")
     print(f"CHECK {'OK' if ok else 'FAIL'}: served tokens equal the in-process engine's: {same}; "
           f"errors: {fig['num_errors']}; back to min: {fig['back_to_min']}")
     fig.update(args=vars(a), machine=common.machine(), check=ok, total_s=time.perf_counter() - t_start)

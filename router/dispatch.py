@@ -59,8 +59,12 @@ class GroupBatch:
 def plan(ids: torch.Tensor, weights: torch.Tensor, group_of_layer: torch.Tensor) -> list[GroupBatch]:
     """ids, weights [T, K]; group_of_layer [E] -> one GroupBatch per group touched."""
     groups = group_of_layer[ids]                                # [T, K]
+    present = torch.unique(groups).tolist()
+    if len(present) == 1:   # one group serves every slot (always so with one group): nothing to mask
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        return [GroupBatch(group=present[0], rows=rows, expert_ids=ids.to(torch.int32), weights=weights)]
     batches = []
-    for g in torch.unique(groups).tolist():
+    for g in present:
         mine = groups == g                                      # [T, K]
         rows = mine.any(dim=1).nonzero().squeeze(1)             # [R]
         mine = mine[rows]
