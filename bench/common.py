@@ -243,3 +243,50 @@ def write_json(name: str, data: dict) -> Path:
     path = OUT_DIR / name
     path.write_text(json.dumps(data, indent=2, default=lambda o: o.as_dict() if isinstance(o, Sample) else str(o)) + "\n")
     return path
+
+
+# --- Hugging Face `generate`, the baseline ----------------------------------------------------
+PAD_ID = 0
+
+
+def load_hf(ckpt: Path, impl: str):
+    """MixtralForCausalLM in fp32 with experts `impl` ("eager", "grouped_mm"), set up so that
+    nothing stops generation early: the EOS id is unset, so min_new_tokens masks nothing."""
+    import transformers
+
+    model = transformers.MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
+                                                            experts_implementation=impl).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_ID
+    return model
+
+
+def hf_generate(model, prompts: list[list[int]], outs: int | list[int], batch_size: int, abort=None
+                ) -> list[list[int]]:
+    """Greedy, left-padded batches of prompts sorted by length; outputs in the prompts' order.
+    outs: new tokens for every prompt, or per prompt (a batch then runs for its longest and
+    each row is cut to its own count). `abort` (an Event) is checked every decoding step."""
+    import transformers
+
+    class Stop(transformers.StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), abort.is_set(), dtype=torch.bool)
+
+    outs = [outs] * len(prompts) if isinstance(outs, int) else outs
+    extra = {} if abort is None else {"stopping_criteria": transformers.StoppingCriteriaList([Stop()])}
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    res: list[list[int] | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        L = max(len(prompts[i]) for i in idx)
+        n = max(outs[i] for i in idx)
+        ids = torch.tensor([[PAD_ID] * (L - len(prompts[i])) + prompts[i] for i in idx])
+        mask = torch.tensor([[0] * (L - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+        with torch.inference_mode():
+            gen = model.generate(ids, attention_mask=mask, do_sample=False, min_new_tokens=n, max_new_tokens=n,
+                                 pad_token_id=PAD_ID, **extra)
+        if abort is not None and abort.is_set():
+            raise Aborted
+        for row, i in enumerate(idx):
+            res[i] = gen[row, L:L + outs[i]].tolist()
+    return res  # type: ignore[return-value]

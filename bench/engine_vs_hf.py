@@ -62,7 +62,6 @@ from attention_service.sampling_params import SamplingParams  # noqa: E402
 from cluster.config import EngineConfig, load_model_config  # noqa: E402
 from cluster.local import build_engine  # noqa: E402
 
-PAD_ID = 0
 TARGET_RATIO = 1.5
 QUICK = dict(prompts=4, min_len=16, max_len=64, new_tokens=8, repeats=1, mbt="2048", hf="eager:4")
 FULL = dict(prompts=32, min_len=32, max_len=512, new_tokens=64, repeats=3, mbt="1024,2048,4096",
@@ -161,44 +160,6 @@ def engine_generate(engine, prompts: list[list[int]], n: int, abort=None) -> lis
     return [s.output_ids for s in asyncio.run(go())]
 
 
-def load_hf(ckpt: Path, impl: str):
-    import transformers
-
-    model = transformers.MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
-                                                            experts_implementation=impl).eval()
-    # ignore_eos semantics: no EOS id means nothing stops generation and min_new_tokens masks nothing.
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = PAD_ID
-    return model
-
-
-def hf_generate(model, prompts: list[list[int]], n: int, batch_size: int, abort=None) -> list[list[int]]:
-    """Greedy, left-padded batches of prompts of similar length; outputs in the prompts' order.
-    `abort` is checked after every decoding step (a stopping criterion)."""
-    import transformers
-
-    class Stop(transformers.StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), abort.is_set(), dtype=torch.bool)
-
-    extra = {} if abort is None else {"stopping_criteria": transformers.StoppingCriteriaList([Stop()])}
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int] | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        L = max(len(prompts[i]) for i in idx)
-        ids = torch.tensor([[PAD_ID] * (L - len(prompts[i])) + prompts[i] for i in idx])
-        mask = torch.tensor([[0] * (L - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
-        with torch.inference_mode():
-            gen = model.generate(ids, attention_mask=mask, do_sample=False, min_new_tokens=n, max_new_tokens=n,
-                                 pad_token_id=PAD_ID, **extra)
-        if abort is not None and abort.is_set():
-            raise common.Aborted
-        for row, i in enumerate(idx):
-            out[i] = gen[row, L:].tolist()
-    return out  # type: ignore[return-value]
-
-
 # --- the check -------------------------------------------------------------------------
 def check(ours: list[list[int]], hf_out: list[list[int]], prompts, n: int, hf_model, alone: dict) -> dict:
     """Ours against HF's batched output; each differing prompt re-run in HF alone, unpadded
@@ -207,7 +168,7 @@ def check(ours: list[list[int]], hf_out: list[list[int]], prompts, n: int, hf_mo
     real = []
     for i in differ:
         if i not in alone:
-            alone[i] = hf_generate(hf_model, [prompts[i]], n, 1)[0]
+            alone[i] = common.hf_generate(hf_model, [prompts[i]], n, 1)[0]
         if ours[i] != alone[i]:
             first = next(j for j, (a, b) in enumerate(zip(ours[i], alone[i])) if a != b)
             real.append({"prompt": i, "prompt_len": len(prompts[i]), "first_diff_at": first,
@@ -250,8 +211,8 @@ def main() -> int:
         engines[mbt], eng_samples[mbt] = eng, []
     hf_models, hf_samples, hf_out = {}, {}, {}
     for impl in dict.fromkeys(impl for impl, _ in a.hf):
-        hf_models[impl] = load_hf(ckpt, impl)
-        hf_generate(hf_models[impl], warm, 4, 2)
+        hf_models[impl] = common.load_hf(ckpt, impl)
+        common.hf_generate(hf_models[impl], warm, 4, 2)
     for cfg in a.hf:
         hf_samples[cfg] = []
     print(f"engine_vs_hf setup_s={time.perf_counter() - t_start:.1f}", flush=True)
@@ -260,7 +221,7 @@ def main() -> int:
         return lambda abort: engine_generate(engines[mbt], prompts, n, abort)
 
     def theirs(cfg):
-        return lambda abort: hf_generate(hf_models[cfg[0]], prompts, n, cfg[1], abort)
+        return lambda abort: common.hf_generate(hf_models[cfg[0]], prompts, n, cfg[1], abort)
 
     def tag(f):
         return "" if f["uncontended"] else " (contended: other processes were busy)"
@@ -335,7 +296,7 @@ def main() -> int:
                  "kv_cache_bytes": kv_bytes, "preemptions": eng.scheduler.num_preemptions,
                  "sweep": {str(m): {**figure(s, out_tokens), "runs": s} for m, s in eng_samples.items()}},
         "hf": {"best_batch": best_hf[1], "best_experts_impl": best_hf[0], **hf_f,
-               "transformers": transformers.__version__, "pad_token_id": PAD_ID, "sorted_by_length": True,
+               "transformers": transformers.__version__, "pad_token_id": common.PAD_ID, "sorted_by_length": True,
                "sweep": {f"{i}:{b}": {**figure(s, out_tokens), "runs": s} for (i, b), s in hf_samples.items()}},
         "ratio": ratio, "target_ratio": TARGET_RATIO, "contended_runs": contended,
         "check": {"ok": ok, "hf_reference": f"{best_hf[0]}:{best_hf[1]}", "every_request_got_new_tokens": lengths_ok,

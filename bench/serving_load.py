@@ -72,7 +72,6 @@ from attention_service.sampling_params import SamplingParams  # noqa: E402
 from cluster.config import EngineConfig, load_model_config  # noqa: E402
 from cluster.local import build_engine  # noqa: E402
 
-PAD_ID = 0
 TARGET_RATIO = 5.0
 TARGET_STALL = 2.0
 LONG_VARIANT = dict(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
@@ -187,45 +186,6 @@ def serving_figures(recs: list[dict]) -> dict:
             "ttft_p50_s": common.percentile(ttft, 50), "ttft_p99_s": common.percentile(ttft, 99),
             "tpot_p50_s": common.percentile(tpot, 50), "tpot_p99_s": common.percentile(tpot, 99),
             "ttft_s": ttft, "tpot_s": tpot}
-
-
-# --- part 1: HF ----------------------------------------------------------------------------
-def load_hf(ckpt: Path, impl: str):
-    import transformers
-
-    model = transformers.MixtralForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
-                                                            experts_implementation=impl).eval()
-    model.generation_config.eos_token_id = None      # ignore_eos: nothing stops, min_new_tokens masks nothing
-    model.generation_config.pad_token_id = PAD_ID
-    return model
-
-
-def hf_generate(model, prompts, outs, batch_size: int, abort=None) -> list[list[int]]:
-    """Greedy left-padded batches of prompts sorted by length; each batch runs for its longest
-    output and each row is cut to its own count. `abort` is checked every decoding step."""
-    import transformers
-
-    class Stop(transformers.StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), abort.is_set(), dtype=torch.bool)
-
-    extra = {} if abort is None else {"stopping_criteria": transformers.StoppingCriteriaList([Stop()])}
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    res: list[list[int] | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        L = max(len(prompts[i]) for i in idx)
-        n = max(outs[i] for i in idx)
-        ids = torch.tensor([[PAD_ID] * (L - len(prompts[i])) + prompts[i] for i in idx])
-        mask = torch.tensor([[0] * (L - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
-        with torch.inference_mode():
-            gen = model.generate(ids, attention_mask=mask, do_sample=False, min_new_tokens=n, max_new_tokens=n,
-                                 pad_token_id=PAD_ID, **extra)
-        if abort is not None and abort.is_set():
-            raise common.Aborted
-        for row, i in enumerate(idx):
-            res[i] = gen[row, L:L + outs[i]].tolist()
-    return res  # type: ignore[return-value]
 
 
 # --- part 2 ----------------------------------------------------------------------------------
@@ -389,13 +349,13 @@ def part1(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        hf_model = load_hf(ckpt, a.hf_experts)
-        hf_generate(hf_model, prompts[:2], [4, 4], 2)
+        hf_model = common.load_hf(ckpt, a.hf_experts)
+        common.hf_generate(hf_model, prompts[:2], [4, 4], 2)
     log(f"serving_load setup_s={time.perf_counter() - t_start:.1f}")
 
     recs = runner.run("ours (part 1)", ours, ours_samples, log)
     for b in a.hf_batches:
-        out = runner.run(f"hf batch={b}", lambda abort, b=b: hf_generate(hf_model, prompts, outs, b, abort),
+        out = runner.run(f"hf batch={b}", lambda abort, b=b: common.hf_generate(hf_model, prompts, outs, b, abort),
                          hf_samples[b], log) if hf_model is not None else None
         if out is not None:
             hf_out[b] = out
@@ -414,7 +374,7 @@ def part1(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
         recs = runner.run(f"ours (part 1, repeat {r + 2})", ours, ours_samples, log) or recs
         if best_b is not None:
             hf_out[best_b] = runner.run(f"hf batch={best_b} (repeat {r + 2})",
-                                        lambda abort: hf_generate(hf_model, prompts, outs, best_b, abort),
+                                        lambda abort: common.hf_generate(hf_model, prompts, outs, best_b, abort),
                                         hf_samples[best_b], log) or hf_out[best_b]
 
     # Ours: the median run by throughput among the uncontended ones.
@@ -446,7 +406,7 @@ def part1(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
         if not a.no_hf_prefill:
             pre_s: list[common.Sample] = []
             runner.run(f"hf batch={best_b} prefill only (1 output token each)",
-                       lambda abort: hf_generate(hf_model, prompts, [1] * len(prompts), best_b, abort), pre_s, log)
+                       lambda abort: common.hf_generate(hf_model, prompts, [1] * len(prompts), best_b, abort), pre_s, log)
             pmed, _, pclean = common.median_wall(pre_s)
             log(f"serving_load hf batch={best_b} prefill only: {pmed:.1f} s of its {med:.1f} s "
                 f"({prompt_tokens} prompt tokens; padded to the longest prompt of each batch)"
