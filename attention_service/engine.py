@@ -57,7 +57,9 @@ class Engine:
         """trace_context: the request's OpenTelemetry context, for the steps that serve it."""
         self.check_request(prompt_ids, params)
         seq = Sequence(prompt_ids, params)
-        seq.trace_context = trace_context
+        # Kept only when the request is sampled, so a step looks at no context of an untraced one.
+        if trace_context is not None and trace.get_current_span(trace_context).get_span_context().trace_flags.sampled:
+            seq.trace_context = trace_context
         self.scheduler.add(seq)
         return seq
 
@@ -73,8 +75,7 @@ class Engine:
     def _step_span(self, scheduled: list[Scheduled]):
         """A step serves many requests but a span has one parent: the first traced request in
         it is the parent, the others are linked. Untraced steps cost nothing."""
-        traced = [s.seq.trace_context for s in scheduled if s.seq.trace_context is not None
-                  and trace.get_current_span(s.seq.trace_context).get_span_context().trace_flags.sampled]
+        traced = [s.seq.trace_context for s in scheduled if s.seq.trace_context is not None]
         if not traced:
             return contextlib.nullcontext()
         links = [trace.Link(trace.get_current_span(c).get_span_context()) for c in traced[1:]]

@@ -30,7 +30,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.arrival = time.monotonic()
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
-        self.trace_context = None        # the request's OpenTelemetry context, when traced
+        self.trace_context = None        # the request's OpenTelemetry context, when it is sampled
 
     @property
     def num_tokens(self) -> int:

@@ -14,7 +14,6 @@ has no earlier value to subtract.
 from __future__ import annotations
 
 import json
-import math
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +24,8 @@ from typing import Callable, Iterable
 
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+
+from cluster.dashboard_data import histogram_quantile
 
 Key = tuple[str, ...]
 
@@ -139,23 +140,7 @@ class Window:
         per: dict[Key, list[tuple[float, float]]] = {}
         for key, n in buckets.items():
             per.setdefault(key[:-1], []).append((float(key[-1]), n))
-        return {k: v for k, bs in per.items() if (v := bucket_quantile(q, bs)) is not None}
-
-
-def bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
-    """buckets: (upper bound, cumulative count). None when nothing was observed."""
-    buckets = sorted(buckets)
-    total = buckets[-1][1] if buckets else 0
-    if total <= 0:
-        return None
-    rank, lo, below = q * total, 0.0, 0.0
-    for le, n in buckets:
-        if n >= rank:
-            if math.isinf(le):
-                return lo           # beyond the last bound: the bound is all that is known
-            return lo + (le - lo) * ((rank - below) / max(n - below, 1e-12))
-        lo, below = le, n
-    return lo
+        return {k: v for k, bs in per.items() if (v := histogram_quantile(q, bs)) is not None}
 
 
 class Recording:
