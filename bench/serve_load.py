@@ -23,7 +23,8 @@ What it measures
 
     served      the app: `tests/serve_app.running_app` on a local loopback Ray cluster (the
                 default AppConfig: Frontend ingress + 1 Attention replica + 2 expert groups
-                of 4 whole experts each, replicas talking gRPC); or an app already running
+                of 4 whole experts each, replicas talking gRPC; expert autoscaling off, so
+                one replica per group as on bare-grpc, unless --autoscale); or an app already running
                 (`--url`, e.g. from `moe-serve up`). Ray gives each replica OMP_NUM_THREADS=1.
     bare        the same checkpoint in an in-process `AsyncEngine` (experts in-process, torch's
                 default threads), driven by N asyncio tasks in this process through
@@ -126,6 +127,9 @@ def parse_args() -> argparse.Namespace:
                          "threads (default 1, the app's default); bare-grpc's processes get as many")
     ap.add_argument("--micro-batches", type=int, default=1,
                     help="engine micro_batches on the disaggregated sides (served, bare-grpc; default 1)")
+    ap.add_argument("--autoscale", action="store_true",
+                    help="served side: leave expert autoscaling on (default off: one replica per group, the "
+                         "bare-grpc layout)")
     ap.add_argument("--skip-bare", action="store_true", help="only the served side (and the check)")
     ap.add_argument("--skip-grpc", action="store_true", help="no bare-grpc side")
     ap.add_argument("--budget-s", type=float, default=240.0,
@@ -551,11 +555,23 @@ def main() -> int:
 
         groups = [{"experts": e, "num_cpus": a.replica_cpus} for e in split_experts(mc.num_local_experts, GROUPS)]
         attention = {"num_cpus": a.replica_cpus, "engine": {"micro_batches": a.micro_batches}}
-        with running_app(ckpt, attention=attention, expert_groups=groups) as (cfg, url, _):
+        # One replica per group, as bare-grpc has: the ratio is the cost of Serve and HTTP on the
+        # same processes. (Under this load the default policy would add expert replicas, which on
+        # two shared cores only split the same cores further.)
+        with running_app(ckpt, attention=attention, expert_groups=groups,
+                         autoscaling={"enabled": a.autoscale}) as (cfg, url, _):
             app_info = {"started_here": True, "setup_s": time.perf_counter() - t, "groups": cfg.groups,
                         "attention": {"replicas": cfg.attention.replicas, "num_cpus": cfg.attention.num_cpus}}
             print(f"serve_load app up in {app_info['setup_s']:.1f} s at {url}", flush=True)
             runs["served"], check, warm = asyncio.run(served_side(a, url, mix, reference, tok, runner))
+            # Said, so that a figure taken with --autoscale shows the layout it ran on.
+            from ray import serve
+
+            app_info["expert_replicas"] = {
+                name: d.replica_states.get("RUNNING", 0)
+                for name, d in serve.status().applications[cfg.name].deployments.items() if name.startswith("ExpertGroup-")}
+            print("serve_load served expert replicas at the end: "
+                  + ", ".join(f"{n} {c}" for n, c in sorted(app_info["expert_replicas"].items())), flush=True)
         t = time.perf_counter()
     warm_errors["served"] = errors_of(warm)
 

@@ -6,7 +6,7 @@ policy: Serve calls it every control-loop tick with one AutoscalingContext per d
 and applies the returned counts.
 
     attention replicas report  routed_tps.g<g>  (pairs/s routed to group g), running, waiting, kv_usage
-    expert replicas report     busy             (fraction of wall time computing)
+    expert replicas report     busy             (fraction of wall time computing; CPU time on CPU)
 
     demand(g)  = sum over attention replicas of routed_tps.g<g>
     up         = ceil(demand / target)              (+1 if the replicas are busier than max_busy)

@@ -9,7 +9,6 @@ options (replicas, GPUs, resources) are bound in cluster/builder.py, nowhere els
 """
 
 import asyncio
-import dataclasses
 import logging
 import time
 
@@ -42,7 +41,8 @@ def _telemetry(service: str, spec: dict | None, host: str) -> telemetry.Telemetr
 
 
 class _Busy:
-    """The fraction of wall time spent computing since the previous reading."""
+    """The fraction of wall time spent computing since the previous reading (on CPU: the CPU the
+    compute got, see expert_service.server._cpu_busy)."""
 
     def __init__(self, servicer):
         self.servicer, self.last = servicer, (time.monotonic(), servicer.busy_seconds)
@@ -184,7 +184,7 @@ class Attention:
         trace: the front door's trace context as W3C headers."""
         ctx = telemetry.extract(trace) if trace else None
         async for delta in self.engine.generate(prompt_ids, SamplingParams(**params), ctx):
-            yield dataclasses.asdict(delta)
+            yield vars(delta)       # its fields, shallow: nothing in a Delta needs copying
 
     def load(self) -> dict:
         e = self.engine.engine

@@ -100,7 +100,7 @@ class Telemetry:
         self.running = m.create_gauge("moe_serve.requests.running", "{request}", "Requests in the running batch")
         self.waiting = m.create_gauge("moe_serve.requests.waiting", "{request}", "Requests waiting to start")
         # Expert side.
-        self.busy = m.create_gauge("moe_serve.expert.busy", "1", "Fraction of wall time an expert replica computed")
+        self.busy = m.create_gauge("moe_serve.expert.busy", "1", "Fraction of wall time an expert replica computed (on CPU: the CPU time its compute got)")
 
         # Counts kept by the data path in plain Python and torch, read only at collection time,
         # so a step or an RPC pays nothing for them. Sources register themselves here.

@@ -56,6 +56,17 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _cpu_busy(wall: float, thread_cpu: float) -> float:
+    """Busy time of a CPU compute: the CPU it got, not the wall time it took.
+
+    On a host whose cores other processes share, a batch's wall time grows with the wait for
+    a core; counting it would call a starved replica busy, and adding replicas to the same
+    cores only starves them more. The compute thread's CPU time times torch's intra-op
+    threads (which split each kernel evenly) is the work done, capped at the wall time.
+    """
+    return min(wall, thread_cpu * torch.get_num_threads())
+
+
 class ExpertShardServicer:
     def __init__(self, experts: ExpertWeights, hidden_size: int, fingerprint: str, shard_id: str,
                  device: str = "cpu"):
@@ -66,7 +77,7 @@ class ExpertShardServicer:
         self.device = torch.device(device)
         self.draining = False
         self.inflight = 0
-        self.busy_seconds = 0.0          # compute time, cumulative: the busy fraction is its rate
+        self.busy_seconds = 0.0          # compute time (see _cpu_busy), cumulative: the busy fraction is its rate
         self.pairs = 0                   # (token, expert) pairs computed, cumulative: the work done
         self.labels = {"group": shard_id, "replica": shard_id}     # serve() names the replica by address
         self.telemetry = telemetry.get()
@@ -110,13 +121,13 @@ class ExpertShardServicer:
     def _compute(self, msg: pb.ExpertBatch, y: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> bytes:
         """On the compute thread: the packed ExpertResult."""
         with torch.inference_mode():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             d = self.device
             out = self.experts.forward(msg.layer, y.to(d), ids.to(d), w.to(d))
             if out.is_cuda:  # kernels are asynchronous; time them, not their launch
                 torch.cuda.synchronize(out.device)
             seconds = time.perf_counter() - start
-            self.busy_seconds += seconds
+            self.busy_seconds += seconds if out.is_cuda else _cpu_busy(seconds, time.thread_time() - cpu_start)
             rows = int((ids >= 0).sum())
             self.pairs += rows
         result = pb.ExpertResult(batch_id=msg.batch_id, compute_seconds=seconds, rows=rows)

@@ -244,3 +244,44 @@ def test_launcher_groups_and_sigterm_exits_0(tiny_ckpt):
 def test_launcher_quotes_the_error_of_a_shard_that_dies(tiny_ckpt):
     with pytest.raises(ShardStartError, match=r"(?s)exited with code 1.*expert 9\) is outside the model"):
         start_shards(tiny_ckpt, [[0, 9]])
+
+
+# --- busy time: the autoscaling policy's "replica saturated" signal -------------------------
+class _TimedExperts:
+    """Experts whose forward waits (no CPU) or spins (CPU) for a while, then answers zeros."""
+
+    dtype = torch.float32
+
+    def __init__(self, seconds: float, spin: bool):
+        self.seconds, self.spin = seconds, spin
+
+    def forward(self, layer, y, ids, w):
+        if self.spin:
+            import time
+            end = time.thread_time() + self.seconds
+            while time.thread_time() < end:
+                pass
+        else:
+            threading.Event().wait(self.seconds)
+        return torch.zeros_like(y)
+
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_busy_time_on_cpu_counts_the_cpu_a_batch_got_not_its_wait(spin):
+    """A replica starved of cores (here: waiting) is not busy; one that computes is."""
+    from expert_service.server import ExpertShardServicer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        servicer = ExpertShardServicer(_TimedExperts(0.2, spin), D, "fp", "g0")
+        y, ids, w = _inputs(4)
+        res = servicer._compute(pb.ExpertBatch(batch_id=1, layer=0), y, ids, w)
+    finally:
+        torch.set_num_threads(threads)
+    msg, _ = codec.unpack(pb.ExpertResult, res)
+    assert msg.compute_seconds >= 0.2                    # the wall time is still what the RPC reports
+    if spin:
+        assert servicer.busy_seconds == pytest.approx(msg.compute_seconds, rel=0.25)
+    else:
+        assert servicer.busy_seconds < 0.05
