@@ -35,6 +35,12 @@ class Delta:
     completion_tokens: int = 0
     error: str | None = None
 
+    def then(self, later: "Delta") -> "Delta":
+        """This delta followed by a later one of the same request, as one."""
+        lps = None if self.logprobs is None and later.logprobs is None else (self.logprobs or []) + (later.logprobs or [])
+        return Delta(self.token_ids + later.token_ids, self.text + later.text, later.finish_reason, lps,
+                     later.prompt_tokens, later.completion_tokens, later.error)
+
 
 @dataclass
 class _Request:
@@ -74,6 +80,10 @@ class AsyncEngine:
         try:
             while True:
                 delta = await req.queue.get()
+                # Steps the reader fell behind on go out as one delta: downstream (a Serve
+                # handle stream, an SSE chunk) pays per item, not per token.
+                while delta.finish_reason is None and not req.queue.empty():
+                    delta = delta.then(req.queue.get_nowait())
                 yield delta
                 if delta.finish_reason is not None:
                     return

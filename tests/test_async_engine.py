@@ -83,6 +83,32 @@ def test_stop_scan(text, stops, expected):
     assert _stop_scan(text, stops) == expected
 
 
+def test_a_slow_reader_gets_the_steps_it_missed_as_one_delta(tiny_ckpt):
+    """Deltas queued while the reader was away are merged: same tokens, text and logprobs."""
+    prompt = [1, 415, 2936, 9060, 285]
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=2, ignore_eos=True)
+
+    async def run():
+        ae = _serve(tiny_ckpt)
+        fast = [d async for d in ae.generate(prompt, params)]
+        slow = []
+        async for d in ae.generate(prompt, params):
+            slow.append(d)
+            while ae.engine.scheduler.has_work and len(slow) == 1:   # let the engine run ahead
+                await asyncio.sleep(0.01)
+        await ae.close()
+        return fast, slow
+
+    fast, slow = asyncio.run(run())
+    assert len(fast) == 10 and len(slow) < len(fast)
+    assert sum(len(d.token_ids) for d in slow) == 10 and any(len(d.token_ids) > 1 for d in slow)
+    for field in ("token_ids", "logprobs"):
+        assert [x for d in slow for x in getattr(d, field)] == [x for d in fast for x in getattr(d, field)]
+    assert "".join(d.text for d in slow) == "".join(d.text for d in fast)
+    assert slow[-1].finish_reason == "length" and slow[-1].completion_tokens == 10
+    assert all(d.finish_reason is None for d in slow[:-1])
+
+
 def test_logprobs_are_the_models_own(tiny_ckpt):
     prompt = [1, 415, 2936, 9060, 285]
 
