@@ -286,3 +286,13 @@ def test_versions_agree():
     ray_version = values["rayVersion"]
     assert f"rayproject/ray:{ray_version}-py311-gpu" in (CHART.parent.parent / "Dockerfile").read_text()
     assert version("ray").split(".")[:2] == ray_version.split(".")[:2]
+
+
+def test_every_ray_container_starts_with_serves_throughput_flags(helm):
+    """The proxy and controller read these from the pod's environment; the user's env comes after."""
+    from cluster.builder import SERVE_FLAGS
+
+    docs = render(helm, "--set", "env[0].name=HF_HUB_OFFLINE", "--set-string", "env[0].value=1")
+    for spec in pods(docs):
+        env = [(e["name"], e.get("value")) for e in spec["containers"][0]["env"]]
+        assert env == [*SERVE_FLAGS.items(), ("HF_HUB_OFFLINE", "1")]

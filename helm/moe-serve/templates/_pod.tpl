@@ -49,10 +49,14 @@ spec:
     - name: {{ ternary "ray-head" "ray-worker" $head }}
       image: {{ include "moe-serve.image" $root | quote }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
-      {{- with $v.env }}
       env:
+        # Serve's throughput settings, as cluster/builder.py SERVE_FLAGS: the proxy and the
+        # controller read them from here.
+        - {name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, value: "0"}
+        - {name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP, value: "0"}
+        {{- with $v.env }}
         {{- toYaml . | nindent 8 }}
-      {{- end }}
+        {{- end }}
       {{- with $v.envFrom }}
       envFrom:
         {{- toYaml . | nindent 8 }}
