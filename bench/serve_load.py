@@ -28,13 +28,16 @@ What it measures
                 (`--url`, e.g. from `moe-serve up`). Ray gives each replica OMP_NUM_THREADS=1.
     bare        the same checkpoint in an in-process `AsyncEngine` (experts in-process, torch's
                 default threads), driven by N asyncio tasks in this process through
-                `AsyncEngine.generate`: no Ray, no HTTP, no gRPC. "The cost of Ray Serve and
-                HTTP" is served / bare.
+                `AsyncEngine.generate`: no Ray, no HTTP, no gRPC.
     bare-grpc   the same, but the experts in 2 `expert_service` shard processes (same split as
                 the app, 1 thread each, `start_shards`) reached over gRPC (`connect_engine`), and
                 this process's torch on 1 thread like the Attention replica: the app's process
-                layout minus Ray Serve and HTTP. Splits the ratio into disaggregation
-                (bare-grpc / bare) and Serve + HTTP (served / bare-grpc).
+                layout minus Ray Serve and HTTP.
+    The target (>= 0.7) is on "the cost of Ray Serve and HTTP": served / bare-grpc, the
+    same engine and expert processes with and without Serve and HTTP around them. served /
+    bare also prints, with the disaggregation share of it (bare-grpc / bare: on two shared
+    cores the expert processes take their CPU from the attention side's; across machines
+    they would not, see bench/disagg_tax.py).
     All sides use the default EngineConfig. Every side gets a warm-up (one short request
     per client) before its runs. Per run, CPU time is also split by process (this process
     = the clients, or the clients + attention for the bare sides; every Ray process by
@@ -607,15 +610,16 @@ def main() -> int:
         bad = [x for x in sides if not figs[x]["uncontended"]]
         return f" (from contended runs of {', '.join(bad)})" if bad else ""
 
+    if "bare-grpc" in figs:
+        split_s = figs["served"]["tokens_per_s"] / figs["bare-grpc"]["tokens_per_s"]
+        print(f"serve_load ratio serve_and_http served/bare-grpc output_tokens_per_s={split_s:.2f} (target >= "
+              f"{TARGET_RATIO}: {'met' if split_s >= TARGET_RATIO else 'NOT met'}){ctag('served', 'bare-grpc')}")
     if "bare" in figs:
         ratio = figs["served"]["tokens_per_s"] / figs["bare"]["tokens_per_s"]
-        print(f"serve_load ratio served/bare output_tokens_per_s={ratio:.2f} "
-              f"(target >= {TARGET_RATIO}: {'met' if ratio >= TARGET_RATIO else 'NOT met'}){ctag('served', 'bare')}")
+        print(f"serve_load info served/bare output_tokens_per_s={ratio:.2f}{ctag('served', 'bare')}")
     if "bare-grpc" in figs:
         split_d = figs["bare-grpc"]["tokens_per_s"] / figs["bare"]["tokens_per_s"]
-        split_s = figs["served"]["tokens_per_s"] / figs["bare-grpc"]["tokens_per_s"]
-        print(f"serve_load split disaggregation bare-grpc/bare={split_d:.2f}{ctag('bare-grpc', 'bare')}")
-        print(f"serve_load split serve_and_http served/bare-grpc={split_s:.2f}{ctag('served', 'bare-grpc')}")
+        print(f"serve_load info disaggregation bare-grpc/bare={split_d:.2f}{ctag('bare-grpc', 'bare')}")
     all_runs = [r for rr in runs.values() for r in rr]
     contended = sum(r["contended"] for r in all_runs)
     if contended:
@@ -648,7 +652,8 @@ def main() -> int:
                      "mix": [{"prompt_len": len(p), "max_tokens": n} for p, n in mix], "seed": a.seed,
                      "greedy": True, "ignore_eos": True},
         "app": app_info, "figures": figs, "runs": {side: [slim(r) for r in rr] for side, rr in runs.items()},
-        "warm_up_errors": warm_errors, "ratio_served_over_bare": ratio, "target_ratio": TARGET_RATIO,
+        "warm_up_errors": warm_errors, "ratio_served_over_bare_grpc": split_s, "target_ratio": TARGET_RATIO,
+        "ratio_served_over_bare": ratio,
         "split": {"disaggregation_bare_grpc_over_bare": split_d, "serve_http_served_over_bare_grpc": split_s},
         "check": check | {"ok": ok, "errors_under_load": errors, "kv_blocks_all_returned": blocks_ok},
         "contended_runs": contended, "total_s": total_s,
