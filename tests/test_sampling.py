@@ -6,7 +6,7 @@ import msgspec
 import pytest
 import torch
 
-from attention_service.sampler import _filter, sample
+from attention_service.sampler import _TOP_P_CANDIDATES, _candidates, sample
 from attention_service.sampling_params import SamplingParams
 from cluster.config import EngineConfig
 from cluster.local import build_engine
@@ -18,14 +18,41 @@ def test_greedy_is_argmax():
     assert torch.equal(out, logits.argmax(-1))
 
 
+def _kept(logits, top_k, top_p):
+    """The cut distribution over the whole vocabulary, as _candidates leaves it: [R, V]."""
+    kept, ids = _candidates(torch.softmax(logits, -1), torch.tensor(top_k), torch.tensor(top_p))
+    return torch.zeros_like(logits).scatter_(-1, ids, kept)
+
+
 def test_top_k_and_top_p_cut_the_tail():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    probs = _filter(logits, torch.tensor([2]), torch.tensor([1.0]))
+    probs = _kept(logits, [2], [1.0])
     assert (probs[0, 2:] == 0).all() and torch.isclose(probs.sum(), torch.tensor(1.0))
-    probs = _filter(logits, torch.tensor([0]), torch.tensor([0.7]))      # 0.5 + 0.3 reaches 0.7
+    probs = _kept(logits, [0], [0.7])                        # 0.5 + 0.3 reaches 0.7
     assert probs[0].nonzero().flatten().tolist() == [0, 1]
-    probs = _filter(logits, torch.tensor([0]), torch.tensor([0.01]))     # the top token always stays
+    probs = _kept(logits, [0], [0.01])                       # the top token always stays
     assert probs[0].nonzero().flatten().tolist() == [0]
+    # top-p on the top-k renormalised: (0.5 + 0.3) / 0.95 = 0.84 reaches 0.82 (0.8 would not)
+    probs = _kept(logits, [3], [0.82])
+    assert probs[0].nonzero().flatten().tolist() == [0, 1]
+
+
+def test_a_flat_row_cuts_past_the_candidates():
+    """A top-p cut beyond the first _TOP_P_CANDIDATES tokens is still exact."""
+    V = 4 * _TOP_P_CANDIDATES
+    logits = torch.zeros(2, V)
+    logits[1, :10] = 20.0                                    # row 1 is peaked, row 0 flat
+    probs = _kept(logits, [0, 0], [0.5, 0.45])
+    assert int((probs[0] > 0).sum()) == V // 2 and int((probs[1] > 0).sum()) == 5
+
+
+def test_cut_draws_stay_inside_the_cut_and_follow_it():
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04]))[None].expand(6000, 5)
+    p = SamplingParams(temperature=1.0, top_k=4, top_p=0.8)  # top-4 renormalised: .417 .313 .208 .063 -> keep 3
+    draws = sample(logits.clone(), [p] * 6000, list(range(6000)), [0] * 6000)
+    freq = torch.bincount(draws, minlength=5).float() / 6000
+    torch.testing.assert_close(freq, torch.tensor([4, 3, 2, 0, 0]) / 9, atol=0.03, rtol=0)
+    assert freq[3] == 0 and freq[4] == 0
 
 
 def test_draws_follow_the_distribution_and_the_seed():

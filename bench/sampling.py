@@ -1,0 +1,92 @@
+"""Sampling cost per step: the engine's sampler against sorting every row.
+
+What it measures
+    `attention_service.sampler.sample` on a step's logits [B, 32000] (fp32, random; two
+    shapes, see SHAPES), for B
+    rows all sampling with one of four parameter sets (temperature only; top-p 0.9; top-k
+    50; top-k 50 + top-p 0.9), against the reference way of cutting: sort each row's whole
+    vocabulary, mask top-k and top-p in sorted order, scatter back, draw with one
+    exponential per vocabulary entry (what this engine did before). Both give each row's
+    draw from its seed alone. Median of --repeats calls each, same logits.
+
+    For scale: a decode step of the `bench` model with 32 sequences takes about 21 ms on
+    this machine's 2 cores (docs/benchmarks.md).
+
+Run
+    .venv/bin/python bench/sampling.py            # a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (also puts the repo root on sys.path)
+
+import torch  # noqa: E402
+
+from attention_service.sampler import _TOP_P_CANDIDATES, sample  # noqa: E402
+from attention_service.sampling_params import SamplingParams  # noqa: E402
+
+# Random logits are flatter than a trained model's: "peaked" stands in for those (its top-p
+# 0.9 cut lies within the first candidates), "flat" is the worst case (it does not).
+SHAPES = {"peaked": 4.0, "flat": 1.0}
+CASES = {"temperature": dict(temperature=0.8), "top_p": dict(temperature=0.8, top_p=0.9),
+         "top_k": dict(temperature=0.8, top_k=50), "top_k+top_p": dict(temperature=0.8, top_k=50, top_p=0.9)}
+
+
+def sorted_reference(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]):
+    """Sort every row, cut in sorted order, scatter back, exponential race over the vocabulary."""
+    temp = torch.tensor([p.temperature for p in params])
+    top_k = torch.tensor([p.top_k for p in params])
+    top_p = torch.tensor([p.top_p for p in params])
+    sorted_logits, order = torch.sort(logits / temp[:, None], dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1])[None, :]
+    cut = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    probs = torch.softmax(sorted_logits.masked_fill(cut, float("-inf")), dim=-1)
+    cut |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+    probs = torch.zeros_like(probs).scatter_(-1, order, probs.masked_fill(cut, 0.0))
+    noise = torch.stack([torch.empty(logits.shape[-1]).exponential_(
+        generator=torch.Generator().manual_seed(s * 1_000_003 + t)) for s, t in zip(seeds, steps)])
+    return (probs / noise).argmax(dim=-1)
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="8,32,64", help="sampling rows per step (default 8,32,64)")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--repeats", type=int, default=15)
+    a = ap.parse_args()
+    m = common.machine()
+    print(f"sampling machine: {m['cpu']}, {m['cores']} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    base = torch.randn(max(int(b) for b in a.rows.split(",")), a.vocab, generator=torch.Generator().manual_seed(0))
+    for shape, scale in SHAPES.items():
+        logits = base * scale
+        mass = torch.softmax(logits / 0.8, -1).topk(_TOP_P_CANDIDATES, -1).values.sum(-1).median()
+        print(f"sampling logits {shape}: N(0, {scale}^2), top {_TOP_P_CANDIDATES} tokens hold {mass:.2f} of the mass")
+        for b in (int(x) for x in a.rows.split(",")):
+            for name, kw in CASES.items():
+                params, seeds, steps = [SamplingParams(**kw)] * b, list(range(b)), [7] * b
+                ours = median_ms(lambda: sample(logits[:b].clone(), params, seeds, steps), a.repeats)
+                ref = median_ms(lambda: sorted_reference(logits[:b], params, seeds, steps), a.repeats)
+                print(f"sampling {shape} rows={b} {name}: ours {ours:.2f} ms, sort-every-row {ref:.2f} ms, "
+                      f"ratio {ref / ours:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
