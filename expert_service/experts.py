@@ -1,7 +1,6 @@
 """Expert FFNs for the (layer, expert) pairs one shard owns: grouped SwiGLU.
 
-Shapes: T rows, D hidden, F expert ffn, K top-k slots per row, n experts held in a layer,
-N, Kin a linear layer's output and input features.
+Shapes: T rows, D hidden, F expert ffn, K top-k slots per row, n experts held in a layer.
 
     out[t] = sum_k w[t, k] * W2_e( silu(W1_e y[t]) * W3_e y[t] ),  e = ids[t, k]
 
@@ -9,39 +8,14 @@ W1 and W3 are stacked into one [2F, D] weight so each expert does two matmuls. R
 are sorted by expert once per call and each expert runs one matmul over all its rows:
 the only Python loop is over the experts present, never over tokens.
 
-Every matmul goes through `linear`, on weights prepared once by `pack_linear` (which says why
-fp32 weights on CPU are handed to oneDNN); attention_service/model.py uses the same two.
+Every matmul goes through `linear`, on weights prepared once by `pack_linear`
+(router/linear.py says why fp32 weights on CPU are handed to oneDNN).
 """
 
 import torch
 import torch.nn.functional as F
 
-
-def _onednn_ok(w: torch.Tensor) -> bool:
-    return (w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-def pack_linear(w: torch.Tensor) -> torch.Tensor:
-    """w [N, Kin] -> the weight `linear` takes.
-
-    torch sends fp32 CPU matmuls to MKL, which runs 2-3x below oneDNN on the same shapes on
-    the AMD EPYC we benchmark on (a 2048^3 sgemm: 186 GFLOP/s in MKL; the model's shapes:
-    ~450 in oneDNN, e.g. a decode step's lm_head, 32 rows, 9.7 -> 3.6 ms). oneDNN wants the
-    weight reordered into its blocked layout, done once here, so the dense copy can be
-    dropped. Still fp32 throughout, only the order of the sums changes. Anything else is
-    returned as is: bf16 already goes to oneDNN inside torch, and GPUs have their own BLAS.
-    """
-    if not _onednn_ok(w):
-        return w
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
-
-
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., Kin], w from pack_linear -> x @ W.T [..., N]."""
-    if w.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-    return F.linear(x, w)
+from router.linear import linear, pack_linear
 
 
 class ExpertWeights:
