@@ -116,7 +116,7 @@ def cmd_up(a: argparse.Namespace) -> None:
     from ray import serve
 
     from cluster import app_config
-    from cluster.builder import build_app, deploy, set_serve_flags
+    from cluster.builder import build_app, deploy, set_ray_env
     from cluster.config import ConfigError
 
     try:
@@ -128,7 +128,7 @@ def cmd_up(a: argparse.Namespace) -> None:
     if a.address:
         ray.init(address=a.address, namespace="moe-serve", log_to_driver=a.verbose)
     else:
-        set_serve_flags()
+        set_ray_env()
         # A local cluster on loopback; logical CPUs beyond the cores let every deployment
         # place a replica on a small machine (they are bookkeeping, not pinning).
         ray.init(_node_ip_address="127.0.0.1", num_cpus=max(16, os.cpu_count() or 1), include_dashboard=False,

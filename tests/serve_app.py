@@ -7,7 +7,7 @@ import ray
 from ray import serve
 
 from cluster import app_config
-from cluster.builder import deploy, set_serve_flags
+from cluster.builder import deploy, set_ray_env
 
 
 def free_port() -> int:
@@ -23,7 +23,7 @@ def running_app(model, address: str | None = None, **config):
     if address:
         ray.init(address=address, namespace="moe-serve", _node_ip_address="127.0.0.1", log_to_driver=False)
     else:
-        set_serve_flags()
+        set_ray_env()
         ray.init(_node_ip_address="127.0.0.1", num_cpus=16, include_dashboard=False, namespace="moe-serve",
                  log_to_driver=False)
     try:

@@ -288,11 +288,11 @@ def test_versions_agree():
     assert version("ray").split(".")[:2] == ray_version.split(".")[:2]
 
 
-def test_every_ray_container_starts_with_serves_throughput_flags(helm):
+def test_every_ray_container_starts_with_the_apps_ray_environment(helm):
     """The proxy and controller read these from the pod's environment; the user's env comes after."""
-    from cluster.builder import SERVE_FLAGS
+    from cluster.builder import RAY_ENV
 
     docs = render(helm, "--set", "env[0].name=HF_HUB_OFFLINE", "--set-string", "env[0].value=1")
     for spec in pods(docs):
         env = [(e["name"], e.get("value")) for e in spec["containers"][0]["env"]]
-        assert env == [*SERVE_FLAGS.items(), ("HF_HUB_OFFLINE", "1")]
+        assert env == [*RAY_ENV.items(), ("HF_HUB_OFFLINE", "1")]

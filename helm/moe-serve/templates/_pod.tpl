@@ -50,10 +50,11 @@ spec:
       image: {{ include "moe-serve.image" $root | quote }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
       env:
-        # Serve's throughput settings, as cluster/builder.py SERVE_FLAGS: the proxy and the
-        # controller read them from here.
+        # As cluster/builder.py RAY_ENV: Serve's throughput settings (the proxy and the
+        # controller read them from here), and replicas at the ordinary priority.
         - {name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, value: "0"}
         - {name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP, value: "0"}
+        - {name: RAY_worker_niceness, value: "0"}
         {{- with $v.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
