@@ -24,7 +24,8 @@ POLICY = "cluster.autoscale_policy:AppPolicy"
 # Serve's throughput settings (its performance guide's; Ray 2.60 still defaults to 1): user
 # code and handle routing on the replica's own event loop, not on threads of their own.
 # Every token crosses two streaming handles (Attention -> Frontend -> proxy), and each item
-# paid two hand-offs between threads; served tokens/s rose ~11% on the serve_load bench.
+# paid two hand-offs between threads (on the serve_load bench the gain was within its
+# run-to-run spread; docs/benchmarks.md).
 # Replicas get them through their runtime_env; proxies and the controller read them from
 # the environment Ray starts with (RAY_ENV).
 SERVE_FLAGS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
@@ -32,7 +33,7 @@ SERVE_FLAGS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN
 # Helm chart for every pod). Ray starts its workers at nice 15, below its own processes and
 # anything else on the machine; here the workers are the server's data path (each token
 # crosses the Attention and expert processes several times per step), so they run at the
-# ordinary priority: on serve_load, 2 shared cores, served tokens/s ~157 -> ~181.
+# ordinary priority: on serve_load, 2 shared cores, served tokens/s ~157 -> ~190.
 RAY_ENV = {**SERVE_FLAGS, "RAY_worker_niceness": "0"}
 
 
