@@ -60,12 +60,18 @@ class WireStats:
 
     rpcs: int = 0
     rows: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
     rpc_seconds: float = 0.0
     failovers: int = 0
-    per_replica_rows: dict = field(default_factory=dict)
-    per_group_bytes: dict = field(default_factory=dict)   # (group, "sent" | "received") -> bytes
+    per_replica_rows: collections.Counter = field(default_factory=collections.Counter)
+    per_group_bytes: collections.Counter = field(default_factory=collections.Counter)  # (group, "sent" | "received")
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(n for (_, d), n in self.per_group_bytes.items() if d == "sent")
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(n for (_, d), n in self.per_group_bytes.items() if d == "received")
 
 
 class GrpcTransport:
@@ -143,17 +149,13 @@ class GrpcTransport:
             if span is not None:
                 span.set_attribute("moe_serve.expert.compute_seconds", msg.compute_seconds)
                 span.end()
-            st, received = self.stats, tensors["output"].numel() * tensors["output"].element_size()
+            st = self.stats
             st.rpcs += 1
             st.rows += e - s
-            st.bytes_sent += len(request)
-            st.bytes_received += received
             st.rpc_seconds += seconds
-            st.per_replica_rows[replica.address] = st.per_replica_rows.get(replica.address, 0) + e - s
-            key = (b.group, "sent")
-            st.per_group_bytes[key] = st.per_group_bytes.get(key, 0) + len(request)
-            key = (b.group, "received")
-            st.per_group_bytes[key] = st.per_group_bytes.get(key, 0) + received
+            st.per_replica_rows[replica.address] += e - s
+            st.per_group_bytes[(b.group, "sent")] += len(request)
+            st.per_group_bytes[(b.group, "received")] += tensors["output"].numel() * tensors["output"].element_size()
             attrs = {"group": str(b.group), "replica": replica.address}
             self.telemetry.rpc_duration.record(seconds, attrs)
             self.telemetry.batch_rows.record(e - s, attrs)

@@ -238,6 +238,14 @@ def machine() -> dict:
     return info
 
 
+def announce_machine(bench: str) -> dict:
+    """Print the line every benchmark starts with (what it runs on, how loaded) -> machine()."""
+    m = machine()
+    print(f"{bench} machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} threads, "
+          f"load average {open('/proc/loadavg').read().split()[0]}", flush=True)
+    return m
+
+
 def write_json(name: str, data: dict) -> Path:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     path = OUT_DIR / name

@@ -353,9 +353,7 @@ def main() -> int:
     n = a.new_tokens
     out_tokens = n * len(prompts)
     prompt_tokens = sum(map(len, prompts))
-    machine = common.machine()
-    print(f"disagg_tax machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-          f"{default_threads} threads by default, load average {open('/proc/loadavg').read().split()[0]}")
+    machine = common.announce_machine("disagg_tax")
     print(f"disagg_tax workload: prompts={len(prompts)} (all running at once) prompt_tokens={prompt_tokens} "
           f"lengths={min(map(len, prompts))}-{max(map(len, prompts))} new_tokens={n} output_tokens={out_tokens} "
           f"max_batched_tokens={a.mbt}", flush=True)

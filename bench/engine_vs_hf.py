@@ -193,9 +193,7 @@ def main() -> int:
     n = a.new_tokens
     out_tokens = n * len(prompts)
     prompt_tokens = sum(map(len, prompts))
-    machine = common.machine()
-    print(f"engine_vs_hf machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-          f"{machine['torch_threads']} threads, load average {open('/proc/loadavg').read().split()[0]}")
+    machine = common.announce_machine("engine_vs_hf")
     print(f"engine_vs_hf workload: prompts={len(prompts)} prompt_tokens={prompt_tokens} "
           f"lengths={min(map(len, prompts))}-{max(map(len, prompts))} new_tokens={n} output_tokens={out_tokens}",
           flush=True)

@@ -71,8 +71,7 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=15)
     a = ap.parse_args()
-    m = common.machine()
-    print(f"sampling machine: {m['cpu']}, {m['cores']} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    common.announce_machine("sampling")
     base = torch.randn(max(int(b) for b in a.rows.split(",")), a.vocab, generator=torch.Generator().manual_seed(0))
     for shape, scale in SHAPES.items():
         logits = base * scale

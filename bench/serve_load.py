@@ -524,9 +524,7 @@ def main() -> int:
         ckpt = common.checkpoint(a.preset)
     mc = load_model_config(ckpt)
     mix = make_mix(a, mc.vocab_size)
-    machine = common.machine()
-    print(f"serve_load machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-          f"{machine['torch_threads']} threads, load average {open('/proc/loadavg').read().split()[0]}")
+    machine = common.announce_machine("serve_load")
     print(f"serve_load model: {ckpt} (hidden {mc.hidden_size}, {mc.num_hidden_layers} layers, "
           f"{mc.num_local_experts} experts top-{mc.num_experts_per_tok}, vocab {mc.vocab_size})")
     print(f"serve_load workload: clients={a.clients} window_s={a.seconds:g} ramp_s={a.ramp_s:g} repeats={a.repeats} "

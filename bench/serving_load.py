@@ -273,12 +273,10 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     t_start = time.perf_counter()
-    machine = common.machine()
+    machine = common.announce_machine("serving_load")
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     runner = common.Runner(t_start, a.budget_s, a.max_retries, a.quiet_wait_s)
-    log(f"serving_load machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-        f"{machine['torch_threads']} threads, load average {open('/proc/loadavg').read().split()[0]}")
     result: dict = {"benchmark": "serving_load", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine}
     checks: list[str] = []
     ok = True

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("ray.serve")
@@ -77,7 +78,7 @@ def decide(load: float, pressure: float | None, current: int, rule: Rule, state:
     delay = rule.upscale_delay_s if direction > 0 else rule.downscale_delay_s
     if now - since >= delay:
         return want, {}
-    return current, {"direction": direction, "since": since, "want": want}
+    return current, {"direction": direction, "since": since}
 
 
 def group_demand(attention_metrics: dict[str, dict], group: int) -> float:
@@ -111,8 +112,6 @@ class AppPolicy:
         return None
 
     def __call__(self, contexts: dict) -> tuple[dict, dict]:
-        import time
-
         now = time.time()
         by_name = {dep.name: (dep, ctx) for dep, ctx in contexts.items()}
         att = by_name.get(ATTENTION)

@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.app_config import AppConfig, Resources, group_scaling, resolve_groups
+from cluster.autoscale_policy import ATTENTION, GROUP_PREFIX
 from cluster.checkpoint import Checkpoint
 from cluster.deployments import Attention, ExpertGroup
 from cluster.frontend import Frontend
@@ -71,13 +72,13 @@ def build_app(cfg: AppConfig, model: str) -> Application:
     for g, spec in enumerate(groups):
         s = group_scaling(cfg, spec)
         experts.append(serve.deployment(
-            ExpertGroup, name=f"ExpertGroup-{g}", max_ongoing_requests=spec.max_ongoing_requests,
+            ExpertGroup, name=f"{GROUP_PREFIX}{g}", max_ongoing_requests=spec.max_ongoing_requests,
             ray_actor_options=_actor_options(spec), graceful_shutdown_timeout_s=30, health_check_period_s=5,
             **_replicas(cfg, spec.replicas, s.min_replicas, s.max_replicas),
         ).bind(model, g, spec.experts, spec.layers, cfg.expert_device, cfg.expert_dtype, directory, telemetry))
     a, s = cfg.attention, cfg.autoscaling.attention
     attention = serve.deployment(
-        Attention, name="Attention", max_ongoing_requests=a.max_ongoing_requests,
+        Attention, name=ATTENTION, max_ongoing_requests=a.max_ongoing_requests,
         ray_actor_options=_actor_options(a), graceful_shutdown_timeout_s=60,
         **_replicas(cfg, a.replicas, s.min_replicas, s.max_replicas),
     ).bind(model, msgspec.to_builtins(a.engine), [{"experts": s.experts, "layers": s.layers} for s in groups],
@@ -131,11 +132,7 @@ def app_builder(args: dict) -> Application:
     """Serve's config-file entry (`import_path: cluster.builder:app_builder`, as the Helm chart's
     serveConfigV2 uses it): `args` is the same mapping the YAML config file holds."""
     from cluster.app_config import decode
+    from cluster.cli import default_model
 
     cfg = decode(args, "serve application args")
-    if not cfg.model:
-        from cluster.cli import default_model
-        model = str(default_model())
-    else:
-        model = cfg.model
-    return build_app(cfg, model)
+    return build_app(cfg, cfg.model or str(default_model()))

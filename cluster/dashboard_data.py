@@ -14,10 +14,8 @@ from typing import Iterable
 
 from prometheus_client.samples import Sample
 
+from cluster.autoscale_policy import ATTENTION, GROUP_PREFIX
 from cluster.metrics_gather import Family
-
-GROUP_PREFIX = "ExpertGroup-"
-ATTENTION = "Attention"
 
 
 Index = dict[str, list[Sample]]          # series name (e.g. `..._bucket`) -> its samples
@@ -66,8 +64,8 @@ def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> floa
     return lower + (upper - lower) * (rank - below) / (count - below)
 
 
-def _buckets(now: Index, name: str, where=lambda labels: True) -> list[tuple[float, float]]:
-    return [(float(s.labels["le"]), s.value) for s in now.get(f"{name}_bucket", ()) if where(s.labels)]
+def _buckets(now: Index, name: str) -> list[tuple[float, float]]:
+    return [(float(s.labels["le"]), s.value) for s in now.get(f"{name}_bucket", ())]
 
 
 class Window:

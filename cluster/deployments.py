@@ -24,6 +24,7 @@ from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
 from cluster import telemetry
 from cluster.app_config import TelemetrySpec
+from cluster.autoscale_policy import GROUP_PREFIX
 from cluster.checkpoint import Checkpoint, resolve_dtype
 from cluster.config import EngineConfig
 from cluster.directory import get_directory
@@ -170,8 +171,8 @@ class Attention:
                 tel.waiting.set(self.engine.num_waiting, mine)
                 await self.directory.register_metrics.remote(f"attention-{self.replica}", tel.url)
                 for name, r in (await self.directory.scaling.remote()).items():
-                    if name.startswith("ExpertGroup-"):
-                        tel.replicas.set(r["target"], {"group": name.removeprefix("ExpertGroup-"), "state": "target"})
+                    if name.startswith(GROUP_PREFIX):
+                        tel.replicas.set(r["target"], {"group": name.removeprefix(GROUP_PREFIX), "state": "target"})
             except Exception:
                 log.exception("reporting load")
 

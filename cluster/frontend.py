@@ -33,13 +33,15 @@ def current_backend() -> Backend:
     return _replica["backend"]
 
 
+async def gather_families() -> dict:
+    """Every process's metrics: this one's and those the directory lists."""
+    targets = await _replica["directory"].metrics_targets.remote()
+    return await metrics_gather.gather((f"frontend-{os.getpid()}", telemetry.get().text()), targets)
+
+
 async def gather_metrics() -> tuple[dict, dict]:
-    """Every process's metrics (this one's and those the directory lists), and the
-    autoscaling policy's last decisions."""
-    directory = _replica["directory"]
-    targets = await directory.metrics_targets.remote()
-    families = await metrics_gather.gather((f"frontend-{os.getpid()}", telemetry.get().text()), targets)
-    return families, await directory.scaling.remote()
+    """Every process's metrics, and the autoscaling policy's last decisions (for the dashboard)."""
+    return await gather_families(), await _replica["directory"].scaling.remote()
 
 
 add_openai_routes(app, current_backend)
@@ -49,8 +51,7 @@ add_dashboard_routes(app, gather_metrics)
 @app.get("/metrics", response_class=PlainTextResponse)
 async def metrics() -> str:
     """The whole app's metrics in Prometheus text format; each series has a `process` label."""
-    families, _ = await gather_metrics()
-    return metrics_gather.render(families)
+    return metrics_gather.render(await gather_families())
 
 
 class ServeBackend:

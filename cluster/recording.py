@@ -28,6 +28,8 @@ from prometheus_client.samples import Sample
 from cluster.dashboard_data import histogram_quantile
 
 Key = tuple[str, ...]
+# The routing load, as the front door's /metrics names it: what `top` and `tune` read most.
+ROUTED = "moe_serve_router_routed_tokens_total"
 
 
 class ScrapeError(RuntimeError):
@@ -92,14 +94,15 @@ class Scrape:
                 out[tuple(sorted(s.labels.items()))] = (s.labels, s.value)
         return out
 
-    def gauge(self, name: str, by: Iterable[str] = (), agg: Callable = max,
+    def gauge(self, name: str, by: Iterable[str] = (),
               where: Callable[[dict], bool] | None = None) -> dict[Key, float]:
-        """Latest gauge values grouped by the `by` labels. `max` by default: several attention
-        processes publish the same replica counts, and they must not be added up."""
+        """Latest gauge values grouped by the `by` labels, the largest where several share a
+        group: several attention processes publish the same replica counts, and they must not
+        be added up."""
         groups: dict[Key, list[float]] = {}
         for labels, v in self.series(name, where).values():
             groups.setdefault(tuple(labels.get(b, "") for b in by), []).append(v)
-        return {k: agg(vs) for k, vs in groups.items()}
+        return {k: max(vs) for k, vs in groups.items()}
 
 
 @dataclass

@@ -91,7 +91,6 @@ class Telemetry:
         self.batch_rows = m.create_histogram("moe_serve.expert.batch.rows", "{row}",
                                              "Token rows per expert RPC, per group and replica",
                                              explicit_bucket_boundaries_advisory=ROWS_BUCKETS)
-        self.wire_bytes = m.create_counter("moe_serve.wire.bytes", "By", "Expert RPC message bytes by direction")
         self.replicas = m.create_gauge("moe_serve.expert.replicas", "{replica}",
                                        "Expert group replicas: current (live, as attention sees them) and target")
         self.routed_rate = m.create_gauge("moe_serve.router.routed_tokens_rate", "{token}/s",

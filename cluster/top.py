@@ -15,11 +15,10 @@ import sys
 import time
 
 from cluster import recording
-from cluster.recording import ScrapeError, Window
+from cluster.recording import ROUTED, ScrapeError, Window
 
 SHADES = " .:-=+*#%@"
 CLEAR = "\x1b[H\x1b[2J"
-ROUTED = "moe_serve_router_routed_tokens_total"
 
 
 def _ms(seconds: float | None) -> str:

@@ -55,10 +55,9 @@ from dataclasses import dataclass, field
 
 from cluster.app_config import AppConfig, AttentionScaling, GroupScaling
 from cluster.autoscale_policy import Rule, decide
-from cluster.recording import Recording
+from cluster.recording import ROUTED, Recording
 from cluster.tune_series import Stats, burst_gaps, knee_load, rise_times, stats
 
-ROUTED = "moe_serve_router_routed_tokens_total"
 BUSY = "moe_serve_expert_busy_time_seconds_total"
 RPC = "moe_serve_expert_rpc_duration_seconds"
 HEADROOM = 1.25
@@ -93,7 +92,7 @@ def _n(x: float) -> str:
 def timing(name: str, times: list[float], values: list[float], target: float, base_up: float,
            base_down: float, reasons: list[str]) -> tuple[float, float, float]:
     """-> (upscale_delay_s, downscale_delay_s, hysteresis), the reasoning appended."""
-    s = stats(times, values)
+    s = stats(values)
     # A rise starts once the load clears the noise around its median, not on every wobble.
     rises = rise_times(times, values, s.p50 + 2 * s.noise, s.p90)
     if s.p90 - s.p50 > 4 * s.noise and rises:
@@ -164,7 +163,7 @@ def propose_group(rec: Recording, g: str, utilization: float, base: GroupScaling
     windows = rec.windows()
     times = [w.cur.t for w in windows]
     demand = [w.rate(ROUTED, ("group",)).get((g,), 0.0) for w in windows]
-    s = stats(times, demand)
+    s = stats(demand)
     reasons.append(f"{name}: demand pairs/s over {rec.duration:.0f}s ({len(windows)} intervals): p10 {_n(s.p10)}  "
                    f"p50 {_n(s.p50)}  p90 {_n(s.p90)}  peak {_n(s.peak)}  mean {_n(s.mean)}")
     capacity = group_capacity(rec, g, name, demand, reasons)
@@ -218,7 +217,7 @@ def propose_attention(rec: Recording, utilization: float, base: AttentionScaling
     if not load or max(load) <= 0:
         reasons.append(f"{name}: no requests recorded: keeping the current settings")
         return base
-    s = stats(times, load)
+    s = stats(load)
     reasons.append(f"{name}: running + waiting requests: p10 {_n(s.p10)}  p50 {_n(s.p50)}  p90 {_n(s.p90)}  "
                    f"peak {_n(s.peak)}")
     if full:

@@ -30,7 +30,7 @@ class Stats:
     noise: float        # σ of the scrape-to-scrape noise, not of the bursts
 
 
-def stats(times: list[float], values: list[float]) -> Stats:
+def stats(values: list[float]) -> Stats:
     diffs = [abs(b - a) for a, b in zip(values, values[1:])]
     # From successive differences: a burst moves the level only at its two edges, so the
     # median difference is the noise's, where the plain deviation would be the bursts'.

@@ -116,7 +116,6 @@ def test_app_policy_reads_attention_reports_and_scales_each_group():
     decisions, states = policy(ctxs)
     by_name = {d.name: n for d, n in decisions.items()}
     assert by_name == {"Attention": 3, "ExpertGroup-0": 3, "ExpertGroup-1": 1}    # 24/10, 300/100, 40/100
-    assert set(states) == set(decisions)
 
 
 def test_app_policy_per_group_settings_override_the_default():

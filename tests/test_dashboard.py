@@ -171,10 +171,9 @@ def test_every_query_reads_exported_metrics(app):
 
 # --- the page's figures -------------------------------------------------------------------
 def test_heat_map_is_the_routing_counts(app):
-    # clone: on the CPU a snapshot is the live counts tensor
-    before, t0 = app.families(), app.routing.snapshot().clone()
+    before, t0 = app.families(), app.routing.snapshot()
     route(app.routing, 40, seed=2, hot=3)
-    now, t1 = app.families(), app.routing.snapshot().clone()
+    now, t1 = app.families(), app.routing.snapshot()
     totals = summarize(before, None, None, REPORT)["heatmap"]
     assert totals["cumulative"] and totals["values"] == t0.double().tolist()
     assert totals["group"] == GROUP_OF.tolist()
@@ -219,7 +218,7 @@ def test_data_route_takes_rates_over_its_window(app):
     assert first["heatmap"]["cumulative"] and first["window_s"] is None
     too_soon = asyncio.run(poll(data))                 # within the window: still totals
     assert too_soon["heatmap"]["cumulative"]
-    c0 = app.routing.snapshot().clone()                # the newest gather a window old, by then
+    c0 = app.routing.snapshot()                # the newest gather a window old, by then
     time.sleep(0.6)
     later = asyncio.run(poll(data))
     grown = (app.routing.snapshot() - c0).double() / later["window_s"]

@@ -103,16 +103,17 @@ def test_ray_cluster_layout(rendered, case):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")     # Ray's pydantic models, not ours
 @pytest.mark.parametrize("case", VALUES)
 def test_serve_config_is_ours_and_rays(rendered, case):
+    from cluster.builder import GRPC_SERVICERS, serve_config as ours
+
     sc = serve_config(rendered[case])
     assert sc["http_options"] == {"host": "0.0.0.0", "port": 8000}
-    assert sc["grpc_options"] == {"port": 9000, "grpc_servicer_functions": [
-        "protos.generation_pb2_grpc.add_GenerationServicer_to_server"]}
+    assert sc["grpc_options"] == {"port": 9000, "grpc_servicer_functions": GRPC_SERVICERS}
     (app,) = sc["applications"]
-    assert (app["name"], app["route_prefix"], app["import_path"]) == ("moe-serve", "/", "cluster.builder:app_builder")
     cfg = app_config.decode(app["args"], "serveConfigV2 args")
     # The same application `moe-serve up` deploys (cluster.builder.serve_config).
-    from cluster.builder import serve_config as ours
     want = ours(cfg, cfg.model or "/m")["applications"][0]
+    assert (app["name"], app["route_prefix"]) == ("moe-serve", "/")
+    assert app["import_path"] == want["import_path"] == "cluster.builder:app_builder"
     assert set(app) == set(want)
     if "autoscaling_policy" in want:
         policy = app["autoscaling_policy"]
@@ -131,8 +132,7 @@ def test_worker_groups_hold_what_serve_asks_for(rendered, case):
     docs = rendered[case]
     cfg = app_config.decode(serve_config(docs)["applications"][0]["args"])
     offers = {name: json.loads(json.loads(g["rayStartParams"]["resources"])) for name, g in groups(docs).items()}
-    auto = getattr(cfg, "autoscaling", None)
-    auto = auto if auto is not None and auto.enabled else None
+    auto = cfg.autoscaling if cfg.autoscaling.enabled else None
 
     att = cfg.attention
     assert set(att.resources) == set(offers["attention"]) and att.num_gpus >= 1
@@ -153,13 +153,7 @@ def test_import_paths_resolve(rendered):
              *serve_config(rendered["default"])["grpc_options"]["grpc_servicer_functions"]]
     for name in names:
         module, _, attr = name.replace(":", ".").rpartition(".")
-        try:
-            found = importlib.import_module(module)
-        except ModuleNotFoundError:
-            if module != "cluster.autoscale_policy":
-                raise
-            # The policy ships with the autoscaling work; without it only its name is rendered.
-            continue
+        found = importlib.import_module(module)
         assert callable(getattr(found, attr, None)), name
 
 
