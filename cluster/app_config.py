@@ -28,11 +28,17 @@ class Resources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     resources: dict[str, float] = {}
 
 
-def _check_scaling(lo: int, hi: int, up: float, down: float) -> None:
+def _check_scaling(lo: int, hi: int, up: float, down: float, target_name: str, target: float,
+                   hysteresis: float) -> None:
+    """What the policy divides by and bounds with must make sense, or it fails inside Serve."""
     if lo < 1 or hi < lo:
         raise ConfigError(f"need 1 <= min_replicas <= max_replicas, got {lo} and {hi}")
     if up < 0 or down < 0:
         raise ConfigError("upscale_delay_s and downscale_delay_s must not be negative")
+    if not target > 0:
+        raise ConfigError(f"{target_name} must be positive, got {target}")
+    if not 0 <= hysteresis < 1:
+        raise ConfigError(f"hysteresis must be in [0, 1), got {hysteresis}")
 
 
 class GroupScaling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -54,11 +60,8 @@ class GroupScaling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     downscale_delay_s: float = 30.0
 
     def __post_init__(self) -> None:
-        _check_scaling(self.min_replicas, self.max_replicas, self.upscale_delay_s, self.downscale_delay_s)
-        if self.target_tokens_per_s <= 0:
-            raise ConfigError(f"target_tokens_per_s must be positive, got {self.target_tokens_per_s}")
-        if not 0 <= self.hysteresis < 1:
-            raise ConfigError(f"hysteresis must be in [0, 1), got {self.hysteresis}")
+        _check_scaling(self.min_replicas, self.max_replicas, self.upscale_delay_s, self.downscale_delay_s,
+                       "target_tokens_per_s", self.target_tokens_per_s, self.hysteresis)
 
 
 class AttentionScaling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -75,7 +78,8 @@ class AttentionScaling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     downscale_delay_s: float = 60.0
 
     def __post_init__(self) -> None:
-        _check_scaling(self.min_replicas, self.max_replicas, self.upscale_delay_s, self.downscale_delay_s)
+        _check_scaling(self.min_replicas, self.max_replicas, self.upscale_delay_s, self.downscale_delay_s,
+                       "target_requests", self.target_requests, self.hysteresis)
 
 
 class AutoscalingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

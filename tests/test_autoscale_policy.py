@@ -129,3 +129,14 @@ def test_app_policy_per_group_settings_override_the_default():
     decisions, _ = policy(ctxs)
     by_name = {d.name: n for d, n in decisions.items()}
     assert by_name["ExpertGroup-0"] == 3 and by_name["ExpertGroup-1"] == 1
+
+
+@pytest.mark.parametrize("section, bad", [("experts", {"hysteresis": 1.0}), ("experts", {"target_tokens_per_s": 0}),
+                                          ("attention", {"hysteresis": 1.0}), ("attention", {"target_requests": 0})])
+def test_settings_the_policy_would_divide_by_are_refused_by_name(section, bad):
+    """Refused when the config is read, not found out by a ZeroDivisionError inside Serve's controller."""
+    from cluster.app_config import decode
+    from cluster.config import ConfigError
+
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        decode({"autoscaling": {section: bad}})
