@@ -103,6 +103,7 @@ class AppPolicy:
         self.default_group = Rule.for_group(cfg.autoscaling.experts)
         self.groups = {g: Rule.for_group(group_scaling(cfg, s)) for g, s in enumerate(cfg.expert_groups)}
         self._directory = None
+        self._published: tuple[float, dict] = (-math.inf, {})     # when, and the targets then
 
     def rule(self, name: str) -> Rule | None:
         if name == ATTENTION:
@@ -136,7 +137,13 @@ class AppPolicy:
 
     def _publish(self, report: dict) -> None:
         """Hand the decisions to the endpoint directory, where telemetry and dashboards read them.
-        Fire and forget: the controller's loop must not wait on it."""
+        Fire and forget: the controller's loop must not wait on it. Serve calls the policy every
+        tick (0.1 s) and its readers look once a second, so a report goes out once a second, or
+        at once when a target changes."""
+        now, targets = time.monotonic(), {name: r["target"] for name, r in report.items()}
+        if now - self._published[0] < 1.0 and targets == self._published[1]:
+            return
+        self._published = (now, targets)
         try:
             if self._directory is None:
                 from cluster.directory import get_directory

@@ -33,6 +33,23 @@ def _key(s: Sample) -> tuple:
     return tuple(sorted(s.labels.items()))
 
 
+def increase(cur: Iterable[Sample], before: Iterable[Sample], new_counts=lambda labels: False) -> dict[tuple, float]:
+    """Per series (its sorted labels): growth of a cumulative series from `before` to `cur`.
+
+    A counter that went down was restarted, so all of its value is new. A series `before`
+    lacks counts whole only where new_counts(its labels) says so; elsewhere its total
+    predates the window."""
+    was = {_key(s): s.value for s in before}
+    out = {}
+    for s in cur:
+        k = _key(s)
+        if k in was:
+            out[k] = s.value - was[k] if s.value >= was[k] else s.value
+        elif new_counts(s.labels):
+            out[k] = s.value
+    return out
+
+
 def _group(labels: dict) -> int | None:
     # A standalone expert server (not in an app) labels its group with its shard name.
     g = labels.get("group", "")
@@ -87,15 +104,7 @@ def _increase(w: Window, name: str, where=lambda labels: True) -> dict[tuple, fl
     cur = [s for s in w.now.get(name, ()) if where(s.labels)]
     if w.prev is None:
         return {_key(s): s.value for s in cur}
-    before = {_key(s): s.value for s in w.prev.get(name, ())}
-    out = {}
-    for s in cur:
-        k = _key(s)
-        if k in before:
-            out[k] = s.value - before[k] if s.value >= before[k] else s.value
-        elif s.labels.get("process") in w.answered:
-            out[k] = s.value
-    return out
+    return increase(cur, w.prev.get(name, ()), lambda labels: labels.get("process") in w.answered)
 
 
 def _mean(values: list[float]) -> float | None:

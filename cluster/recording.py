@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from cluster.dashboard_data import histogram_quantile
+from cluster.dashboard_data import histogram_quantile, increase
 
 Key = tuple[str, ...]
 # The routing load, as the front door's /metrics names it: what `top` and `tune` read most.
@@ -118,14 +118,12 @@ class Window:
 
     def delta(self, name: str, by: Iterable[str] = (), where: Callable[[dict], bool] | None = None
               ) -> dict[Key, float]:
-        """Increase of a cumulative series over the window, summed by the `by` labels."""
-        by, before = tuple(by), self.prev.series(name, where)
+        """Increase of a cumulative series over the window, summed by the `by` labels; a series
+        seen for the first time counts nothing (its total predates the window)."""
+        cur = [s for s in self.cur.by_name.get(name, ()) if where is None or where(s.labels)]
         out: dict[Key, float] = {}
-        for ident, (labels, v) in self.cur.series(name, where).items():
-            if ident not in before:
-                continue        # a process seen for the first time: its total predates the window
-            v0 = before[ident][1]
-            d = v if v < v0 else v - v0       # lower than before: the process restarted
+        for ident, d in increase(cur, self.prev.by_name.get(name, ())).items():
+            labels = dict(ident)
             key = tuple(labels.get(b, "") for b in by)
             out[key] = out.get(key, 0.0) + d
         return out
