@@ -162,6 +162,15 @@ def test_autoscaling_off_leaves_the_policy_out(helm):
     assert "autoscaling_policy" not in app and app["args"]["autoscaling"] == {"enabled": False}
 
 
+def test_ports_move_together(helm):
+    """serve.config may repeat the chart's ports (a config file shared with `moe-serve up`)."""
+    docs = render(helm, "--set", "ports.http=8080", "--set", "serve.config.http_port=8080")
+    assert serve_config(docs)["http_options"]["port"] == 8080
+    (head,) = [c for c in docs["RayService"]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+               ["containers"] if c["name"] == "ray-head"]
+    assert {"name": "serve", "containerPort": 8080} in head["ports"]
+
+
 @pytest.mark.parametrize("case", VALUES)
 def test_rayservice_matches_the_kuberay_crd(rendered, case):
     crds = kuberay_crds()
@@ -255,6 +264,8 @@ def test_monitors_scrape_the_front_door_once(helm):
       "--set", "workers.experts.replicas=1"], "grows to 1 pods"),
     (["--set", "model.uri=s3://w/m", "--set", "model.pvc.claimName=w"], "exclusive"),
     (["--set", "model.pvc.claimName=w"], "model.subPath"),
+    (["--set", "serve.config.http_port=8080"], "serve.config.http_port is 8080 but ports.http is 8000"),
+    (["--set", "serve.config.grpc_port=9001"], "serve.config.grpc_port is 9001 but ports.grpc is 9000"),
 ])
 def test_bad_values_are_refused(helm, args, message):
     r = template(helm, *args)

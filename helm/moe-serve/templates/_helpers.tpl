@@ -93,6 +93,13 @@ resource its worker group does not offer, or more GPUs at start than the group c
 Serve would otherwise wait for them forever. */}}
 {{- define "moe-serve.checks" -}}
 {{- $cfg := .Values.serve.config }}
+{{- /* The proxies listen on ports.*, which the Services and probes use too; a different
+port in serve.config would be silently ignored. */}}
+{{- range $key, $port := dict "http_port" .Values.ports.http "grpc_port" .Values.ports.grpc }}
+{{- if and (hasKey $cfg $key) (ne (int (index $cfg $key)) (int $port)) }}
+{{- fail (printf "serve.config.%s is %v but ports.%s is %v: the chart serves on ports.%s; set that instead" $key (index $cfg $key) (trimSuffix "_port" $key) $port (trimSuffix "_port" $key)) }}
+{{- end }}
+{{- end }}
 {{- $asks := dict "attention" (list) "experts" (list) }}
 {{- with $cfg.attention }}{{ $_ := set $asks "attention" (list .) }}{{ end }}
 {{- $_ := set $asks "experts" (default list $cfg.expert_groups) }}
