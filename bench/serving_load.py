@@ -66,6 +66,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (also puts the repo root on sys.path)
+import op_profile  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -110,6 +111,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-hf-prefill", action="store_true",
                     help="part 1: skip the extra HF run at the best batch size with one output token per request "
                          "(its prefill alone)")
+    ap.add_argument("--profile", action="store_true",
+                    help="part 1: one more run of ours under torch's profiler, printing where its time goes "
+                         "(matmuls, attention by kind, gathers, other ops, outside ops)")
     ap.add_argument("--skip-long", action="store_true", help="no part 2")
     ap.add_argument("--skip-serving", action="store_true", help="no part 1")
     ap.add_argument("--seed", type=int, default=0, help="workload RNG seed")
@@ -424,6 +428,16 @@ def part1(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
                                            for b, s in hf_samples.items()},
                                  "equal_to_ours": same}
         result["part1"]["ratio"] = ratio
+
+    if a.profile:
+        with op_profile.recording() as rec:
+            t0 = time.perf_counter()
+            loop.run_until_complete(serve(aeng, prompts, outs, arrivals))
+            wall_s = time.perf_counter() - t0
+        breakdown = rec.breakdown(wall_s)
+        for line in op_profile.lines("serving_load profile", breakdown):
+            log(line)
+        result["part1"]["profile_s"] = breakdown
 
     # Check: a few requests alone.
     pick = sorted({min(range(len(prompts)), key=lambda i: len(prompts[i])),

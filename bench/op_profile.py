@@ -1,0 +1,71 @@
+"""Where a run's time goes, by kind of torch op: matmuls, attention by the kind of call,
+row and KV-block gathers, everything else.
+
+    with op_profile.recording() as rec:
+        run()
+    for line in op_profile.lines("serving_load profile", rec.breakdown(wall_s)):
+        print(line)
+
+Self times are summed per op, so nothing is counted twice; an attention call's own
+children (mask conversion, allocation) count as that attention call. The profiler adds its
+own overhead per op, so the figures are shares, not timings to compare with other runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+
+MATMULS = {"mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
+GATHERS = {"aten::index_select", "aten::index"}
+ATTENTION = "aten::scaled_dot_product_attention"
+
+
+def attention_kind(input_shapes: list) -> str:
+    """By the attn_mask argument: none -> causal whole prompts; [q, L] -> prompt chunks after
+    cached tokens; [B, 1, 1, L] -> decode buckets (attention_service/attention.py)."""
+    mask = input_shapes[3] if len(input_shapes) > 3 else []
+    return {0: "attention, whole prompts (causal)", 2: "attention, prompt chunks after cached tokens",
+            4: "attention, decode"}.get(len(mask), "attention, other")
+
+
+def category(evt) -> str:
+    e = evt
+    while e is not None:
+        if e.name == ATTENTION:
+            return attention_kind(e.input_shapes)
+        e = e.cpu_parent
+    if evt.name in MATMULS:
+        return "matmuls"
+    if evt.name in GATHERS:
+        return "gathers (KV blocks, rows)"
+    return "other ops"
+
+
+class Recording:
+    def __init__(self, prof):
+        self.prof = prof
+
+    def breakdown(self, wall_s: float) -> dict[str, float]:
+        """category -> seconds; 'ops total' and 'outside ops' (Python, event loop, profiler) added."""
+        out: dict[str, float] = defaultdict(float)
+        for evt in self.prof.events():
+            out[category(evt)] += evt.self_cpu_time_total / 1e6
+        total = sum(out.values())
+        return {**dict(sorted(out.items(), key=lambda kv: -kv[1])), "ops total": total,
+                "outside ops": max(0.0, wall_s - total)}
+
+
+@contextlib.contextmanager
+def recording():
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        rec = Recording(prof)
+        yield rec
+
+
+def lines(prefix: str, breakdown: dict[str, float]) -> list[str]:
+    total = breakdown["ops total"] + breakdown["outside ops"]
+    return [f"{prefix} {name}: {s:.2f} s ({100 * s / total:.0f}%)" for name, s in breakdown.items()
+            if name != "ops total"] + [f"{prefix} ops total: {breakdown['ops total']:.2f} s of {total:.2f} s"]
