@@ -8,47 +8,20 @@ import math
 import os
 import re
 import shutil
-import socket
 import struct
 import subprocess
-import threading
-import time
-from contextlib import contextmanager
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from cluster.dashboard import add_dashboard_routes
 from cluster.dashboard_data import summarize
+from http_server import serving
 from test_dashboard import EXPERTS, GROUPS, LAYERS, REPORT, app  # noqa: F401  (app is a fixture)
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (`make browser` installs "
                                                          "Debian's package); the page is not rendered")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serving(web: FastAPI):
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(web, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def chromium(profile, *args) -> subprocess.Popen:
