@@ -1,9 +1,9 @@
 """Where a run's time goes, by kind of torch op: matmuls, attention by the kind of call,
 row and KV-block gathers, everything else.
 
-    with op_profile.recording() as rec:
+    with op_profile.profiler() as prof:
         run()
-    for line in op_profile.lines("serving_load profile", rec.breakdown(wall_s)):
+    for line in op_profile.lines("serving_load profile", op_profile.breakdown(prof, wall_s)):
         print(line)
 
 Self times are summed per op, so nothing is counted twice; an attention call's own
@@ -13,7 +13,6 @@ own overhead per op, so the figures are shares, not timings to compare with othe
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 
 import torch
@@ -44,25 +43,19 @@ def category(evt) -> str:
     return "other ops"
 
 
-class Recording:
-    def __init__(self, prof):
-        self.prof = prof
-
-    def breakdown(self, wall_s: float) -> dict[str, float]:
-        """category -> seconds; 'ops total' and 'outside ops' (Python, event loop, profiler) added."""
-        out: dict[str, float] = defaultdict(float)
-        for evt in self.prof.events():
-            out[category(evt)] += evt.self_cpu_time_total / 1e6
-        total = sum(out.values())
-        return {**dict(sorted(out.items(), key=lambda kv: -kv[1])), "ops total": total,
-                "outside ops": max(0.0, wall_s - total)}
+def profiler():
+    """torch's CPU profiler with input shapes, which tell the attention calls apart."""
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
 
 
-@contextlib.contextmanager
-def recording():
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        rec = Recording(prof)
-        yield rec
+def breakdown(prof, wall_s: float) -> dict[str, float]:
+    """category -> seconds; 'ops total' and 'outside ops' (Python, event loop, profiler) added."""
+    out: dict[str, float] = defaultdict(float)
+    for evt in prof.events():
+        out[category(evt)] += evt.self_cpu_time_total / 1e6
+    total = sum(out.values())
+    return {**dict(sorted(out.items(), key=lambda kv: -kv[1])), "ops total": total,
+            "outside ops": max(0.0, wall_s - total)}
 
 
 def lines(prefix: str, breakdown: dict[str, float]) -> list[str]:

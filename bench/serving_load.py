@@ -430,11 +430,11 @@ def part1(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
         result["part1"]["ratio"] = ratio
 
     if a.profile:
-        with op_profile.recording() as rec:
+        with op_profile.profiler() as prof:
             t0 = time.perf_counter()
             loop.run_until_complete(serve(aeng, prompts, outs, arrivals))
             wall_s = time.perf_counter() - t0
-        breakdown = rec.breakdown(wall_s)
+        breakdown = op_profile.breakdown(prof, wall_s)
         for line in op_profile.lines("serving_load profile", breakdown):
             log(line)
         result["part1"]["profile_s"] = breakdown
