@@ -12,8 +12,13 @@ one would cost a 64K gather), and on CPU a few small gathers that stay in cache 
 big one even without padding (64 contexts of 1000-1100 tokens: 4.9 ms in buckets of 4096
 slots, 27 ms in one). Each prefill chunk runs on its own with a causal mask offset by the
 tokens already cached.
+
+On CPU in fp32, decodes go instead to a kernel of our own (attention_service/cpu_kernels.py)
+that walks each block table and reads the cache in place: one call per layer for all of a
+step's decodes, no copies.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +41,14 @@ class DecodeBucket:
 
 
 @dataclass
+class DecodeBatch:
+    """All of a step's decodes at once, for a kernel that reads the cache in place."""
+    rows: torch.Tensor    # [B] rows of the step's T tokens
+    tables: torch.Tensor  # [B, NB] each context's blocks, padded with block 0
+    lens: torch.Tensor    # [B] context lengths
+
+
+@dataclass
 class PrefillChunk:
     start: int           # rows [start, start + q) of the step's T tokens
     q: int               # new tokens in this chunk
@@ -50,28 +63,50 @@ class AttentionMetadata:
     block_size: int
     decode: list[DecodeBucket] = field(default_factory=list)
     prefill: list[PrefillChunk] = field(default_factory=list)
+    # Set together: the decodes go to decode_kernel (cpu_kernels.paged_decode_attention)
+    # instead of the buckets above.
+    decode_batch: DecodeBatch | None = None
+    decode_kernel: Callable | None = None
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
-              block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
-        """Per sequence: q new tokens ending a context of L tokens, whose blocks are block_table."""
+              block_size: int, device: torch.device | str = "cpu",
+              decode_kernel: Callable | None = None) -> "AttentionMetadata":
+        """Per sequence: q new tokens ending a context of L tokens, whose blocks are block_table.
+
+        decode_kernel: where given, the decodes are laid out for it rather than in buckets."""
         offsets = torch.arange(block_size)
         slot_mapping, decodes, prefill = [], [], []
         row = 0
+        decode_slots: list[int] = []      # the current run of decodes' slots, one tensor per run
         for q, L, table in zip(query_lens, context_lens, block_tables):
             nb = (L + block_size - 1) // block_size
             if q == 1:
                 decodes.append((row, L, table[:nb]))
-                slot_mapping.append(torch.tensor([table[(L - 1) // block_size] * block_size + (L - 1) % block_size]))
+                decode_slots.append(table[(L - 1) // block_size] * block_size + (L - 1) % block_size)
             else:
+                if decode_slots:
+                    slot_mapping.append(torch.tensor(decode_slots, dtype=torch.int64))
+                    decode_slots = []
                 blocks = torch.tensor(table[:nb], dtype=torch.int64)
                 slots = (blocks[:, None] * block_size + offsets).flatten()[:L]        # [L]
                 slot_mapping.append(slots[L - q:])
                 prefill.append(PrefillChunk(row, q, slots.to(device)))
             row += q
+        if decode_slots:
+            slot_mapping.append(torch.tensor(decode_slots, dtype=torch.int64))
         meta = cls(torch.cat(slot_mapping).to(device) if slot_mapping else torch.empty(0, dtype=torch.int64),
                    block_size, prefill=prefill)
-        meta.decode = _bucket_decodes(decodes, block_size, device)
+        if decode_kernel is None:
+            meta.decode = _bucket_decodes(decodes, block_size, device)
+        elif decodes:
+            nb = max(len(table) for _, _, table in decodes)
+            meta.decode_kernel = decode_kernel
+            meta.decode_batch = DecodeBatch(
+                torch.tensor([row for row, _, _ in decodes], dtype=torch.int64, device=device),
+                torch.tensor([table + [0] * (nb - len(table)) for _, _, table in decodes], dtype=torch.int64,
+                             device=device),
+                torch.tensor([L for _, L, _ in decodes], dtype=torch.int64, device=device))
         return meta
 
 
@@ -103,6 +138,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     KVH, Dh = k_cache.shape[1:]
     bs = meta.block_size
+    if meta.decode_batch is not None:
+        d = meta.decode_batch
+        out[d.rows] = meta.decode_kernel(q[d.rows], k_cache, v_cache, d.tables, d.lens, bs, Dh ** -0.5)
     for b in meta.decode:
         B, Lmax = b.mask.shape[0], b.mask.shape[-1]
         # Whole blocks (bs x KVH x Dh contiguous) at a time: index_select copies them faster

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attention_service import cpu_kernels
 from attention_service.attention import AttentionMetadata
 from attention_service.kv_cache import KVCache
 from attention_service.model import AttentionModel
@@ -47,6 +48,7 @@ class ModelRunner:
         self.micro_batches = micro_batches
         self.on_route = None   # optional hook(layer, expert ids [T, K]) for routing statistics
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="compute") if micro_batches > 1 else None
+        self.decode_kernel = cpu_kernels.paged_decode_attention(model.dtype, model.device)
 
     async def _compute(self, fn, *args):
         if self._pool is None:
@@ -68,7 +70,7 @@ class ModelRunner:
         dev = self.model.device
         meta = AttentionMetadata.build(
             [s.num_tokens for s in scheduled], [s.seq.num_computed + s.num_tokens for s in scheduled],
-            [s.seq.block_table for s in scheduled], self.kv.block_size, dev)
+            [s.seq.block_table for s in scheduled], self.kv.block_size, dev, self.decode_kernel)
         return MicroBatch(torch.tensor(tokens, device=dev), torch.cat(positions).to(dev), meta,
                           torch.tensor(rows, dtype=torch.int64, device=dev))
 

@@ -1,0 +1,184 @@
+// Decode attention on CPU, reading the paged KV cache in place.
+//
+// Shapes: B sequences (one query token each), H heads, KVH kv heads, G = H / KVH query heads
+// per kv head, Dh head dim, S cache slots (blocks x bs), NB blocks in the longest table.
+//
+//   q [B, H, Dh], k_cache / v_cache [S, KVH, Dh], tables [B, NB], lens [B] -> out [B, H, Dh]
+//   out[b, h] = softmax(q[b, h] . K[b, :, h / G] * scale) @ V[b, :, h / G]
+//
+// The torch path gathers each context's blocks into a contiguous copy before attending to
+// it; this one walks the block table and keeps a running max and sum per head (online
+// softmax), so each K/V byte is read from memory once. Sequences are the unit of work: they
+// are sorted longest first and dealt to torch's threads in a snake, which evens out their
+// contexts. Each query row's result depends on its own sequence only, never on the batch.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// exp(x) for x <= 0 (a score minus its running max), in a loop the compiler vectorises:
+// 2^(x log2 e) as a power of two times a degree-6 polynomial on [-0.5, 0.5].
+inline float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);
+  const float t = x * 1.44269504088896341f;
+  const float n = std::nearbyint(t);
+  const float r = t - n;
+  float p = 1.535336188319500e-4f;
+  p = p * r + 1.339887440266574e-3f;
+  p = p * r + 9.618437357674640e-3f;
+  p = p * r + 5.550332471162809e-2f;
+  p = p * r + 2.402264791363012e-1f;
+  p = p * r + 6.931472028550421e-1f;
+  p = p * r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, 4);
+  bits += static_cast<int32_t>(n) << 23;
+  std::memcpy(&p, &bits, 4);
+  return p;
+}
+
+// scores s[j] = q . k_j * scale for the n keys of one block (rows `row` floats apart).
+// NV > 0: head dim 16 * NV in AVX-512 registers; NV = 0: any head dim dh, left to the compiler.
+template <int NV>
+inline void scores(const float* q, const float* k, int64_t n, int64_t row, int64_t dh, float scale, float* s) {
+#ifdef __AVX512F__
+  if constexpr (NV > 0) {
+    __m512 qv[NV];
+    for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_ps(q + 16 * v);
+    for (int64_t j = 0; j < n; ++j, k += row) {
+      __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+      for (int v = 1; v < NV; ++v) a = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(k + 16 * v), a);
+      s[j] = _mm512_reduce_add_ps(a) * scale;
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j, k += row) {
+    float d = 0.f;
+#pragma omp simd reduction(+ : d)
+    for (int64_t i = 0; i < dh; ++i) d += q[i] * k[i];
+    s[j] = d * scale;
+  }
+}
+
+// acc = acc * alpha + sum_j p[j] * v_j over the n values of one block.
+template <int NV>
+inline void accumulate(float* acc, float alpha, const float* p, const float* v, int64_t n, int64_t row, int64_t dh) {
+#ifdef __AVX512F__
+  if constexpr (NV > 0) {
+    __m512 a[NV];
+    const __m512 al = _mm512_set1_ps(alpha);
+    for (int i = 0; i < NV; ++i) a[i] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * i), al);
+    for (int64_t j = 0; j < n; ++j, v += row) {
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      for (int i = 0; i < NV; ++i) a[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16 * i), a[i]);
+    }
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
+    return;
+  }
+#endif
+#pragma omp simd
+  for (int64_t i = 0; i < dh; ++i) acc[i] *= alpha;
+  for (int64_t j = 0; j < n; ++j, v += row) {
+#pragma omp simd
+    for (int64_t i = 0; i < dh; ++i) acc[i] += p[j] * v[i];
+  }
+}
+
+// One sequence: every head over every block of its table. s [H * bs], acc [H * DH], m, l [H]
+// are the calling thread's scratch.
+template <int NV>
+void one_sequence(const float* q, const float* kc, const float* vc, const int64_t* table, int64_t L, int64_t bs,
+                  int64_t H, int64_t KVH, int64_t DH, float scale, float* out, float* s, float* acc, float* m,
+                  float* l) {
+  const int64_t G = H / KVH, row = KVH * DH;
+  std::fill(m, m + H, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + H, 0.f);
+  std::fill(acc, acc + H * DH, 0.f);
+  for (int64_t b = 0, nb = (L + bs - 1) / bs; b < nb; ++b) {
+    const int64_t n = std::min(bs, L - b * bs);
+    const float* K = kc + table[b] * bs * row;
+    const float* V = vc + table[b] * bs * row;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t off = (h / G) * DH;
+      float* sh = s + h * bs;
+      scores<NV>(q + h * DH, K + off, n, row, DH, scale, sh);
+      float mx = m[h];
+      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sh[j]);
+      const float alpha = exp_nonpos(m[h] - mx);   // exp(-inf) = 0 on the first block
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {
+        sh[j] = exp_nonpos(sh[j] - mx);
+        sum += sh[j];
+      }
+      l[h] = l[h] * alpha + sum;
+      m[h] = mx;
+      accumulate<NV>(acc + h * DH, alpha, sh, V + off, n, row, DH);
+    }
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const float inv = 1.f / l[h];
+    for (int i = 0; i < DH; ++i) out[h * DH + i] = acc[h * DH + i] * inv;
+  }
+}
+
+}  // namespace
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor tables, torch::Tensor lens, int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  for (const auto& t : {q, k_cache, v_cache})
+    TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.device().is_cpu(),
+                "q and the caches must be contiguous fp32 CPU tensors");
+  TORCH_CHECK(tables.scalar_type() == torch::kInt64 && lens.scalar_type() == torch::kInt64 && tables.is_contiguous(),
+              "tables and lens must be int64");
+  const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), KVH = k_cache.size(1), NB = tables.size(1);
+  TORCH_CHECK(k_cache.size(2) == Dh && H % KVH == 0 && tables.size(0) == B && lens.size(0) == B, "bad shapes");
+  const int64_t* Lp = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(Lp[b] >= 1 && Lp[b] <= NB * block_size, "context length ", Lp[b], " does not fit its block table");
+  auto out = torch::empty_like(q);
+  const float* Q = q.data_ptr<float>();
+  const float* KC = k_cache.data_ptr<float>();
+  const float* VC = v_cache.data_ptr<float>();
+  const int64_t* T = tables.data_ptr<int64_t>();
+  float* O = out.data_ptr<float>();
+
+  std::vector<int64_t> order(B);
+  for (int64_t i = 0; i < B; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return Lp[a] > Lp[b]; });
+  // Head dims of 16 to 128 in steps of 16 keep a head's query and sums in registers.
+  auto run = Dh == 16 ? one_sequence<1> : Dh == 32 ? one_sequence<2> : Dh == 64 ? one_sequence<4>
+           : Dh == 128 ? one_sequence<8> : one_sequence<0>;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(H * block_size), acc(H * Dh), m(H), l(H);
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t i = 0; i < B; ++i) {
+        const int64_t lap = i / nt, pos = i % nt;
+        if ((lap % 2 == 0 ? pos : nt - 1 - pos) != t) continue;
+        const int64_t b = order[i];
+        run(Q + b * H * Dh, KC, VC, T + b * NB, Lp[b], block_size, H, KVH, Dh, static_cast<float>(scale),
+            O + b * H * Dh, s.data(), acc.data(), m.data(), l.data());
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "q [B, H, Dh], k/v cache [S, KVH, Dh], tables [B, NB], lens [B], block size, scale -> out [B, H, Dh]");
+}
