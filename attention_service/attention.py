@@ -10,8 +10,8 @@ gathered whole blocks at a time and padded to its bucket's longest. Buckets are 
 the real context on the benchmark's 41-566 spread (and a 100-token context padded to a 64K
 one would cost a 64K gather), and on CPU a few small gathers that stay in cache beat one
 big one even without padding (64 contexts of 1000-1100 tokens: 4.9 ms in buckets of 4096
-slots, 27 ms in one). Each prefill chunk runs on its own with a causal mask offset by the
-tokens already cached.
+slots, 27 ms in one). Each prefill chunk runs on its own: causal over its own K/V, and when
+tokens are cached before it, those too (after_cached).
 
 On CPU in fp32, decodes go instead to a kernel of our own (attention_service/cpu_kernels.py)
 that walks each block table and reads the cache in place: one call per layer for all of a
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 # on the benchmark model (2 kv heads x 64 x fp32), which stay in the benchmark CPU's cache
 # (1 MiB of L2 per core, 32 MiB of L3) between the gather and the attention call.
 _DECODE_BUCKET_SLOTS = 4096
-# Prefill queries are processed in blocks of this many rows, bounding the mask's size.
+# Masked prefill chunks (after_cached_masked) take queries in blocks of this many rows,
+# bounding the mask's size.
 _PREFILL_QUERY_BLOCK = 1024
 
 
@@ -157,18 +158,54 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # 4-D [1, heads, len, Dh]: torch's CPU flash kernel only takes 4-D inputs (3-D ones fall
         # back to the unfused math path, 3x slower here).
         qp = q[p.start:p.start + p.q].transpose(0, 1)[None]          # [1, H, q, Dh]
-        if L == p.q:   # nothing cached before this chunk: attend to the fresh K/V, plain causal
-            kp, vp = k[p.start:p.start + p.q].transpose(0, 1)[None], v[p.start:p.start + p.q].transpose(0, 1)[None]
-            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
-            out[p.start:p.start + p.q] = o[0].transpose(0, 1)
-            continue
-        kp, vp = k_cache[p.slots].transpose(0, 1)[None], v_cache[p.slots].transpose(0, 1)[None]  # [1, KVH, L, Dh]
-        for s in range(0, p.q, _PREFILL_QUERY_BLOCK):
-            e = min(s + _PREFILL_QUERY_BLOCK, p.q)
-            # Query i of the chunk sits at position L - q + i and sees keys 0 .. L - q + i
-            # (is_causal would align the chunk with key 0 instead).
-            qpos = torch.arange(L - p.q + s, L - p.q + e, device=q.device)
-            mask = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]     # [e - s, L]
-            o = F.scaled_dot_product_attention(qp[:, :, s:e], kp, vp, attn_mask=mask, enable_gqa=True)
-            out[p.start + s:p.start + e] = o[0].transpose(0, 1)
+        kn, vn = k[p.start:p.start + p.q].transpose(0, 1)[None], v[p.start:p.start + p.q].transpose(0, 1)[None]
+        if L == p.q:   # nothing cached before this chunk: plain causal over its own K/V
+            o = F.scaled_dot_product_attention(qp, kn, vn, is_causal=True, enable_gqa=True)
+        else:
+            old = p.slots[:L - p.q]
+            kc, vc = k_cache[old].transpose(0, 1)[None], v_cache[old].transpose(0, 1)[None]   # [1, KVH, L - q, Dh]
+            o = (after_cached if q.device.type == "cpu" else after_cached_masked)(qp, kc, vc, kn, vn)
+        out[p.start:p.start + p.q] = o[0].transpose(0, 1)
+    return out
+
+
+def after_cached(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_new: torch.Tensor,
+                 v_new: torch.Tensor) -> torch.Tensor:
+    """A prompt chunk after c cached tokens: q [1, H, n, Dh]; cached K/V [1, KVH, c, Dh], the
+    chunk's own [1, KVH, n, Dh] -> out [1, H, n, Dh].
+
+    Every query sees all c cached keys and, causally, the chunk's keys up to its own. One
+    masked call over all c + n keys would compute the full rectangle (torch's CPU kernel
+    skips nothing for an explicit mask); instead the cached part runs unmasked and the new
+    part causal, each returning its log-sum-exp, and the two are merged: ~25% fewer scores
+    for an even split, and no mask to build. torch's CPU flash kernel with the log-sum-exp
+    wants K/V with all H heads: for the cached keys the H / KVH query heads that share a
+    KV head are stacked as more queries of it instead; the chunk's few keys are repeated.
+    """
+    _, H, n, Dh = q.shape
+    KVH = k_old.shape[1]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    o_old, lse_old = flash(q.reshape(1, KVH, H // KVH * n, Dh), k_old, v_old, 0.0, False)
+    o_old, lse_old = o_old.reshape(1, H, n, Dh), lse_old.reshape(1, H, n, 1)
+    o_new, lse_new = flash(q, k_new.repeat_interleave(H // KVH, 1), v_new.repeat_interleave(H // KVH, 1), 0.0, True)
+    lse_new = lse_new.reshape(1, H, n, 1)
+    m = torch.maximum(lse_old, lse_new)
+    w_old, w_new = (lse_old - m).exp_(), (lse_new - m).exp_()
+    return (o_old * w_old).add_(o_new * w_new).div_(w_old + w_new)
+
+
+def after_cached_masked(q: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, k_new: torch.Tensor,
+                        v_new: torch.Tensor) -> torch.Tensor:
+    """after_cached as one masked call per block of queries (the CPU flash kernel with a
+    log-sum-exp is CPU only)."""
+    n, c = q.shape[2], k_old.shape[2]
+    k, v = torch.cat([k_old, k_new], 2), torch.cat([v_old, v_new], 2)    # [1, KVH, L, Dh]
+    out = torch.empty_like(q)
+    for s in range(0, n, _PREFILL_QUERY_BLOCK):
+        e = min(s + _PREFILL_QUERY_BLOCK, n)
+        # Query i of the chunk sits at position c + i and sees keys 0 .. c + i (is_causal would
+        # align the chunk with key 0 instead).
+        qpos = torch.arange(c + s, c + e, device=q.device)
+        mask = torch.arange(c + n, device=q.device)[None, :] <= qpos[:, None]     # [e - s, L]
+        out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k, v, attn_mask=mask, enable_gqa=True)
     return out

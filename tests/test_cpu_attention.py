@@ -1,4 +1,4 @@
-"""The CPU decode attention kernel against torch's gather-and-attend path on the same cache."""
+"""CPU attention paths against the torch paths they replace: decode over the paged cache, prompt chunks."""
 
 import os
 import subprocess
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from attention_service import cpu_kernels
-from attention_service.attention import AttentionMetadata, paged_attention
+from attention_service.attention import AttentionMetadata, after_cached, after_cached_masked, paged_attention
 
 KERNEL = cpu_kernels.paged_decode_attention(torch.float32, "cpu")
-pytestmark = pytest.mark.skipif(KERNEL is None, reason="the CPU kernel could not be built here (no compiler?)")
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="the CPU kernel could not be built here (no compiler?)")
 
 
 def _case(H, KVH, Dh, bs, lens, seed=0):
@@ -41,6 +41,7 @@ def _both(H, KVH, Dh, bs, lens, seed=0):
     return out, ref
 
 
+@needs_kernel
 @pytest.mark.parametrize("H,KVH,Dh", [(8, 2, 64), (32, 8, 128), (4, 2, 16), (3, 3, 32), (6, 1, 8), (5, 5, 24)])
 @pytest.mark.parametrize("bs", [1, 4, 16])
 def test_kernel_matches_torch(H, KVH, Dh, bs):
@@ -49,12 +50,14 @@ def test_kernel_matches_torch(H, KVH, Dh, bs):
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
+@needs_kernel
 def test_long_context_and_many_sequences():
     lens = torch.randint(1, 3000, (40,), generator=torch.Generator().manual_seed(1)).tolist() + [8192]
     out, ref = _both(8, 2, 64, 16, lens, seed=1)
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
+@needs_kernel
 def test_a_row_does_not_depend_on_its_batch():
     """The same sequence alone and among others gives bit-identical results."""
     q, k, v, kc, vc, tables = _case(8, 2, 64, 16, [500, 77, 1200, 3])
@@ -66,6 +69,7 @@ def test_a_row_does_not_depend_on_its_batch():
         assert torch.equal(alone[0], together[i])
 
 
+@needs_kernel
 def test_bad_input_is_refused():
     q, k, v, kc, vc, tables = _case(8, 2, 64, 16, [40])
     tab, lens = torch.tensor(tables), torch.tensor([40])
@@ -88,3 +92,21 @@ def test_switched_off_by_environment():
     env = {**os.environ, "MOE_SERVE_CPU_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None"
+
+
+@pytest.mark.parametrize("H,KVH,c,n", [(8, 2, 1, 5), (8, 2, 300, 700), (4, 4, 1500, 37), (6, 1, 64, 1100)])
+def test_prompt_chunk_after_cached_tokens(H, KVH, c, n):
+    """The CPU path (cached keys unmasked + the chunk causal, merged by log-sum-exp) against
+    one masked call over all keys, and against attention written out in full."""
+    g = torch.Generator().manual_seed(c + n)
+    q = torch.randn(1, H, n, 32, generator=g)
+    k_old, v_old, k_new, v_new = (torch.randn(1, KVH, m, 32, generator=g) for m in (c, c, n, n))
+    fast = after_cached(q, k_old, v_old, k_new, v_new)
+    masked = after_cached_masked(q, k_old, v_old, k_new, v_new)
+    k = torch.cat([k_old, k_new], 2).repeat_interleave(H // KVH, 1)
+    v = torch.cat([v_old, v_new], 2).repeat_interleave(H // KVH, 1)
+    scores = q @ k.transpose(-1, -2) / 32 ** 0.5                              # [1, H, n, c + n]
+    scores.masked_fill_(torch.arange(c + n) > c + torch.arange(n)[:, None], float("-inf"))
+    full = scores.softmax(-1) @ v
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked, full, atol=1e-5, rtol=1e-5)
