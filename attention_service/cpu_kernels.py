@@ -41,7 +41,7 @@ def _cache_dir() -> Path:
 
 
 @functools.cache
-def _module():
+def _op():
     if os.environ.get("MOE_SERVE_CPU_KERNELS", "1") == "0":
         log.info("CPU kernels off (MOE_SERVE_CPU_KERNELS=0): decode attention uses torch's path")
         return None
@@ -54,11 +54,13 @@ def _module():
         if fresh:
             log.info("building the CPU decode attention kernel for this machine (once, about 30 s) in %s", build)
         t0 = time.perf_counter()
-        mod = load(name="moe_serve_paged_decode", sources=[str(_SRC)], build_directory=str(build),
-                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        # Loaded as a library of torch ops: torch.ops.moe_serve.paged_decode_attention.
+        load(name="moe_serve_paged_decode", sources=[str(_SRC)], build_directory=str(build),
+             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             is_python_module=False, verbose=False)
         if fresh:
             log.info("built the CPU decode attention kernel in %.0f s", time.perf_counter() - t0)
-        return mod
+        return torch.ops.moe_serve.paged_decode_attention
     except Exception as e:  # no compiler, no ninja, a failed build: the torch path still works
         log.warning("CPU decode attention kernel unavailable, using torch's path instead: %s", e)
         return None
@@ -72,5 +74,4 @@ def paged_decode_attention(dtype: torch.dtype, device: torch.device | str):
     """
     if torch.device(device).type != "cpu" or dtype != torch.float32:
         return None
-    mod = _module()
-    return None if mod is None else mod.paged_decode_attention
+    return _op()

@@ -20,22 +20,35 @@ import torch
 MATMULS = {"mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
 GATHERS = {"aten::index_select", "aten::index"}
 ATTENTION = "aten::scaled_dot_product_attention"
+# attention_service/cpu_kernels.py: decode attention over the paged cache (CPU, fp32)
+DECODE_KERNEL = "moe_serve::paged_decode_attention"
+# prompt chunks after cached tokens (attention.after_cached): two calls, merged
+CHUNK_KERNEL = "aten::_scaled_dot_product_flash_attention_for_cpu"
 
 
 def attention_kind(input_shapes: list) -> str:
-    """By the attn_mask argument: none -> causal whole prompts; [q, L] -> prompt chunks after
-    cached tokens; [B, 1, 1, L] -> decode buckets (attention_service/attention.py)."""
+    """An SDPA call by its attn_mask argument: none -> causal whole prompts; [q, L] -> prompt
+    chunks after cached tokens, [B, 1, 1, L] -> decode buckets (the torch paths of
+    attention_service/attention.py; on CPU those two go to CHUNK_KERNEL and DECODE_KERNEL)."""
     mask = input_shapes[3] if len(input_shapes) > 3 else []
     return {0: "attention, whole prompts (causal)", 2: "attention, prompt chunks after cached tokens",
             4: "attention, decode"}.get(len(mask), "attention, other")
 
 
 def category(evt) -> str:
+    chain = []                         # the event and its parents, innermost first
     e = evt
     while e is not None:
+        chain.append(e)
+        e = e.cpu_parent
+    for e in chain:                    # torch's SDPA first: it calls the flash kernel itself
         if e.name == ATTENTION:
             return attention_kind(e.input_shapes)
-        e = e.cpu_parent
+    names = {e.name for e in chain}
+    if DECODE_KERNEL in names:
+        return "attention, decode"
+    if CHUNK_KERNEL in names:
+        return "attention, prompt chunks after cached tokens"
     if evt.name in MATMULS:
         return "matmuls"
     if evt.name in GATHERS:

@@ -81,7 +81,7 @@ LONG_VARIANT = dict(num_hidden_layers=1, num_attention_heads=2, num_key_value_he
 QUICK = dict(requests=12, min_prompt=16, max_prompt=512, min_out=8, max_out=32, rate=8.0, repeats=1,
              hf_batches="12", long_len=4096, long_mbt="2048,128", shorts=4, short_tokens=32, baseline_s=1.0)
 FULL = dict(requests=64, min_prompt=16, max_prompt=2048, min_out=16, max_out=256, rate=8.0, repeats=3,
-            hf_batches="16,32,64", long_len=32768, long_mbt="2048,512,128,32", shorts=8, short_tokens=128,
+            hf_batches="8,16,32,64", long_len=32768, long_mbt="2048,512,128,32", shorts=8, short_tokens=128,
             baseline_s=8.0)
 
 

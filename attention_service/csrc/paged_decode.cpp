@@ -199,7 +199,10 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention,
-        "q [B, H, Dh], k/v cache [S, KVH, Dh], tables [B, NB], lens [B], block size, scale -> out [B, H, Dh]");
+// A torch op (torch.ops.moe_serve.paged_decode_attention), so profilers and tracing see it.
+TORCH_LIBRARY(moe_serve, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor lens, "
+        "int block_size, float scale) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(moe_serve, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
