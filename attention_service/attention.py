@@ -101,11 +101,11 @@ class AttentionMetadata:
         if decode_kernel is None:
             meta.decode = _bucket_decodes(decodes, block_size, device)
         elif decodes:
-            nb = max(len(table) for _, _, table in decodes)
+            width = max(len(table) for _, _, table in decodes)
             meta.decode_kernel = decode_kernel
             meta.decode_batch = DecodeBatch(
                 torch.tensor([row for row, _, _ in decodes], dtype=torch.int64, device=device),
-                torch.tensor([table + [0] * (nb - len(table)) for _, _, table in decodes], dtype=torch.int64,
+                torch.tensor([table + [0] * (width - len(table)) for _, _, table in decodes], dtype=torch.int64,
                              device=device),
                 torch.tensor([L for _, L, _ in decodes], dtype=torch.int64, device=device))
         return meta

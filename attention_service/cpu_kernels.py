@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
+from cluster.config import CACHE
+
 log = logging.getLogger(__name__)
 
 _SRC = Path(__file__).resolve().parent / "csrc" / "paged_decode.cpp"
 
 
 def _cache_dir() -> Path:
-    root = Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache" / "moe-serve"))
     # -march=native ties the build to this CPU; a cache shared by different machines keeps one each.
     cpu = ""
     try:
@@ -37,7 +38,7 @@ def _cache_dir() -> Path:
     except OSError:
         pass
     tag = hashlib.sha256(f"{platform.machine()} {cpu} {torch.__version__}".encode()).hexdigest()[:12]
-    return root / "kernels" / f"paged_decode-{tag}"
+    return CACHE / "kernels" / f"paged_decode-{tag}"
 
 
 @functools.cache

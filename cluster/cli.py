@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-CACHE = Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache" / "moe-serve"))
+from cluster.config import CACHE
 
 
 def _ids(text: str) -> list[int]:

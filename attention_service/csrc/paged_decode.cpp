@@ -27,8 +27,8 @@
 
 namespace {
 
-// exp(x) for x <= 0 (a score minus its running max), in a loop the compiler vectorises:
-// 2^(x log2 e) as a power of two times a degree-6 polynomial on [-0.5, 0.5].
+// exp(x) for x <= 0 (a score minus its running max), branch-free so that a loop over it can
+// be vectorised: 2^(x log2 e) as a power of two times a degree-6 polynomial on [-0.5, 0.5].
 inline float exp_nonpos(float x) {
   x = std::max(x, -87.0f);
   const float t = x * 1.44269504088896341f;
