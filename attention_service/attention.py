@@ -13,9 +13,9 @@ big one even without padding (64 contexts of 1000-1100 tokens: 4.9 ms in buckets
 slots, 27 ms in one). Each prefill chunk runs on its own: causal over its own K/V, and when
 tokens are cached before it, those too (after_cached).
 
-On CPU in fp32, decodes go instead to a kernel of our own (attention_service/cpu_kernels.py)
-that walks each block table and reads the cache in place: one call per layer for all of a
-step's decodes, no copies.
+On CPU in fp32, both go instead to kernels of our own (attention_service/cpu_kernels.py)
+that walk the block tables and read the cache in place: one call per layer for all of a
+step's decodes and one for all of its prompt chunks, no copies.
 """
 
 from collections.abc import Callable
@@ -50,6 +50,15 @@ class DecodeBatch:
 
 
 @dataclass
+class PrefillBatch:
+    """All of a step's prompt chunks at once, for a kernel that reads the cache in place."""
+    starts: torch.Tensor  # [C] first row of each chunk among the step's T tokens
+    qlens: torch.Tensor   # [C] new tokens of each chunk
+    lens: torch.Tensor    # [C] context lengths, the chunk included
+    tables: torch.Tensor  # [C, NB] each context's blocks, padded with block 0
+
+
+@dataclass
 class PrefillChunk:
     start: int           # rows [start, start + q) of the step's T tokens
     q: int               # new tokens in this chunk
@@ -68,16 +77,21 @@ class AttentionMetadata:
     # instead of the buckets above.
     decode_batch: DecodeBatch | None = None
     decode_kernel: Callable | None = None
+    # Set together: the prompt chunks go to prefill_kernel (cpu_kernels.paged_prefill_attention)
+    # instead of the list above.
+    prefill_batch: PrefillBatch | None = None
+    prefill_kernel: Callable | None = None
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
-              block_size: int, device: torch.device | str = "cpu",
-              decode_kernel: Callable | None = None) -> "AttentionMetadata":
+              block_size: int, device: torch.device | str = "cpu", decode_kernel: Callable | None = None,
+              prefill_kernel: Callable | None = None) -> "AttentionMetadata":
         """Per sequence: q new tokens ending a context of L tokens, whose blocks are block_table.
 
-        decode_kernel: where given, the decodes are laid out for it rather than in buckets."""
+        decode_kernel, prefill_kernel: where given, the decodes (prompt chunks) are laid out
+        for it rather than in buckets (one by one)."""
         offsets = torch.arange(block_size)
-        slot_mapping, decodes, prefill = [], [], []
+        slot_mapping, decodes, chunks = [], [], []
         row = 0
         decode_slots: list[int] = []      # the current run of decodes' slots, one tensor per run
         for q, L, table in zip(query_lens, context_lens, block_tables):
@@ -92,23 +106,37 @@ class AttentionMetadata:
                 blocks = torch.tensor(table[:nb], dtype=torch.int64)
                 slots = (blocks[:, None] * block_size + offsets).flatten()[:L]        # [L]
                 slot_mapping.append(slots[L - q:])
-                prefill.append(PrefillChunk(row, q, slots.to(device)))
+                chunks.append((row, q, L, table[:nb], slots))
             row += q
         if decode_slots:
             slot_mapping.append(torch.tensor(decode_slots, dtype=torch.int64))
         meta = cls(torch.cat(slot_mapping).to(device) if slot_mapping else torch.empty(0, dtype=torch.int64),
-                   block_size, prefill=prefill)
+                   block_size)
         if decode_kernel is None:
             meta.decode = _bucket_decodes(decodes, block_size, device)
         elif decodes:
-            width = max(len(table) for _, _, table in decodes)
             meta.decode_kernel = decode_kernel
-            meta.decode_batch = DecodeBatch(
-                torch.tensor([row for row, _, _ in decodes], dtype=torch.int64, device=device),
-                torch.tensor([table + [0] * (width - len(table)) for _, _, table in decodes], dtype=torch.int64,
-                             device=device),
-                torch.tensor([L for _, L, _ in decodes], dtype=torch.int64, device=device))
+            meta.decode_batch = DecodeBatch(_ints([row for row, _, _ in decodes], device),
+                                            _padded([table for _, _, table in decodes], device),
+                                            _ints([L for _, L, _ in decodes], device))
+        if prefill_kernel is None:
+            meta.prefill = [PrefillChunk(row, q, slots.to(device)) for row, q, _, _, slots in chunks]
+        elif chunks:
+            meta.prefill_kernel = prefill_kernel
+            rows, qs, lens, tables, _ = zip(*chunks)
+            meta.prefill_batch = PrefillBatch(_ints(rows, device), _ints(qs, device), _ints(lens, device),
+                                              _padded(tables, device))
         return meta
+
+
+def _ints(values, device) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.int64, device=device)
+
+
+def _padded(tables, device) -> torch.Tensor:
+    """Block tables as one [n, longest] tensor, padded with block 0."""
+    width = max(len(t) for t in tables)
+    return _ints([list(t) + [0] * (width - len(t)) for t in tables], device)
 
 
 def _bucket_decodes(decodes: list[tuple[int, int, list[int]]], block_size: int, device) -> list[DecodeBucket]:
@@ -136,9 +164,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     k_cache[meta.slot_mapping] = k
     v_cache[meta.slot_mapping] = v
-    out = torch.empty_like(q)
     KVH, Dh = k_cache.shape[1:]
     bs = meta.block_size
+    if meta.prefill_batch is not None:   # the kernel's result holds every chunk's rows; decodes go in next
+        p = meta.prefill_batch
+        out = meta.prefill_kernel(q, k_cache, v_cache, p.tables, p.starts, p.qlens, p.lens, bs, Dh ** -0.5)
+    else:
+        out = torch.empty_like(q)
     if meta.decode_batch is not None:
         d = meta.decode_batch
         out[d.rows] = meta.decode_kernel(q[d.rows], k_cache, v_cache, d.tables, d.lens, bs, Dh ** -0.5)

@@ -49,6 +49,7 @@ class ModelRunner:
         self.on_route = None   # optional hook(layer, expert ids [T, K]) for routing statistics
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="compute") if micro_batches > 1 else None
         self.decode_kernel = cpu_kernels.paged_decode_attention(model.dtype, model.device)
+        self.prefill_kernel = cpu_kernels.paged_prefill_attention(model.dtype, model.device)
 
     async def _compute(self, fn, *args):
         if self._pool is None:
@@ -70,7 +71,7 @@ class ModelRunner:
         dev = self.model.device
         meta = AttentionMetadata.build(
             [s.num_tokens for s in scheduled], [s.seq.num_computed + s.num_tokens for s in scheduled],
-            [s.seq.block_table for s in scheduled], self.kv.block_size, dev, self.decode_kernel)
+            [s.seq.block_table for s in scheduled], self.kv.block_size, dev, self.decode_kernel, self.prefill_kernel)
         return MicroBatch(torch.tensor(tokens, device=dev), torch.cat(positions).to(dev), meta,
                           torch.tensor(rows, dtype=torch.int64, device=dev))
 

@@ -20,9 +20,10 @@ import torch
 MATMULS = {"mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
 GATHERS = {"aten::index_select", "aten::index"}
 ATTENTION = "aten::scaled_dot_product_attention"
-# attention_service/cpu_kernels.py: decode attention over the paged cache (CPU, fp32)
+# attention_service/cpu_kernels.py: decode and prompt attention over the paged cache (CPU, fp32)
 DECODE_KERNEL = "moe_serve::paged_decode_attention"
-# prompt chunks after cached tokens (attention.after_cached): two calls, merged
+PREFILL_KERNEL = "moe_serve::paged_prefill_attention"
+# torch's path for prompt chunks after cached tokens on CPU (attention.after_cached): two calls, merged
 CHUNK_KERNEL = "aten::_scaled_dot_product_flash_attention_for_cpu"
 
 
@@ -47,6 +48,8 @@ def category(evt) -> str:
     names = {e.name for e in chain}
     if DECODE_KERNEL in names:
         return "attention, decode"
+    if PREFILL_KERNEL in names:
+        return "attention, prompts and prompt chunks"
     if CHUNK_KERNEL in names:
         return "attention, prompt chunks after cached tokens"
     if evt.name in MATMULS:

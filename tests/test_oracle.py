@@ -64,12 +64,12 @@ def test_prompt_logits_match(model):
 
 # Engine layouts that must not change a token: expert groups, tiny KV blocks, a token
 # budget small enough that the long prompts are fed in as chunks beside the decodes, and
-# torch's decode attention instead of the CPU kernel the others use.
+# torch's attention instead of the CPU kernels the others use.
 LAYOUTS = {
     "1 group": dict(groups=1, cfg=EngineConfig()),
     "2 groups, 4-token blocks": dict(groups=2, cfg=EngineConfig(block_size=4)),
     "all groups, chunked prefill": dict(groups=None, cfg=EngineConfig(block_size=16, max_batched_tokens=40)),
-    "torch decode attention": dict(groups=2, cfg=EngineConfig(block_size=4), kernel=False),
+    "torch attention": dict(groups=2, cfg=EngineConfig(block_size=4), kernel=False),
 }
 
 
@@ -78,9 +78,10 @@ def test_greedy_generation_matches(model, hf_greedy, layout):
     name, path, _ = model
     groups = LAYOUTS[layout]["groups"] or SHAPES[name].num_local_experts
     engine, _ = build_engine(path, LAYOUTS[layout]["cfg"], groups=groups)
-    assert engine.runner.decode_kernel is not None      # CPU, fp32: the kernel unless told otherwise
+    # CPU, fp32: the kernels unless told otherwise
+    assert engine.runner.decode_kernel is not None and engine.runner.prefill_kernel is not None
     if not LAYOUTS[layout].get("kernel", True):
-        engine.runner.decode_kernel = None
+        engine.runner.decode_kernel = engine.runner.prefill_kernel = None
     prompts, refs = hf_greedy
     seqs = asyncio.run(engine.generate(prompts, SamplingParams(max_tokens=32, temperature=0)))
     for p, seq, ref in zip(prompts, seqs, refs):

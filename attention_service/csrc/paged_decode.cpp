@@ -15,38 +15,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 namespace {
-
-// exp(x) for x <= 0 (a score minus its running max), branch-free so that a loop over it can
-// be vectorised: 2^(x log2 e) as a power of two times a degree-6 polynomial on [-0.5, 0.5].
-inline float exp_nonpos(float x) {
-  x = std::max(x, -87.0f);
-  const float t = x * 1.44269504088896341f;
-  const float n = std::nearbyint(t);
-  const float r = t - n;
-  float p = 1.535336188319500e-4f;
-  p = p * r + 1.339887440266574e-3f;
-  p = p * r + 9.618437357674640e-3f;
-  p = p * r + 5.550332471162809e-2f;
-  p = p * r + 2.402264791363012e-1f;
-  p = p * r + 6.931472028550421e-1f;
-  p = p * r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, 4);
-  bits += static_cast<int32_t>(n) << 23;
-  std::memcpy(&p, &bits, 4);
-  return p;
-}
 
 #ifdef __AVX512F__
 // 16 vectors -> one whose lane j is the sum of a[j]'s lanes: a transpose-and-add tree,
@@ -198,11 +172,3 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   });
   return out;
 }
-
-// A torch op (torch.ops.moe_serve.paged_decode_attention), so profilers and tracing see it.
-TORCH_LIBRARY(moe_serve, m) {
-  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor lens, "
-        "int block_size, float scale) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(moe_serve, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }

@@ -1,0 +1,21 @@
+// The CPU attention kernels as torch ops (torch.ops.moe_serve.*), so profilers and tracing see them.
+
+#include <torch/extension.h>
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor tables, torch::Tensor lens, int64_t block_size, double scale);
+torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                      torch::Tensor tables, torch::Tensor starts, torch::Tensor qlens,
+                                      torch::Tensor lens, int64_t block_size, double scale);
+
+TORCH_LIBRARY(moe_serve, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor lens, "
+        "int block_size, float scale) -> Tensor");
+  m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor starts, "
+        "Tensor qlens, Tensor lens, int block_size, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moe_serve, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_prefill_attention", &paged_prefill_attention);
+}
