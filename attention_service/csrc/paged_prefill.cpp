@@ -10,7 +10,7 @@
 //   out[t, h] = softmax(q[t, h] . K[0 .. pos(t), h / G] * scale) @ V[0 .. pos(t), h / G]
 //
 // A work item is one kv head of a run of a chunk's positions: the G query heads of those
-// positions share its keys, so they are its rows (about 64). Keys are taken 32 at a time
+// positions share its keys, so they are its rows (up to 256, fewer when a step has few). Keys are taken 32 at a time
 // from wherever their blocks lie; a tile's keys are transposed once into scratch so that
 // the scores are a small matrix product, 8 rows x 32 keys in registers (then values: a
 // few rows x Dh in registers). The softmax is online (a running max and sum per row).
@@ -29,7 +29,7 @@
 namespace {
 
 constexpr int64_t KT = 32;        // keys per tile
-constexpr int64_t ROWS = 64;      // rows (positions x G) per work item, about
+constexpr int64_t ROWS = 256;    // rows (positions x G) per work item, at most
 
 struct Scratch {
   std::vector<float> q, o, p, m, l, alpha, kt;
@@ -266,7 +266,11 @@ torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, to
   const int64_t* TB = tables.data_ptr<int64_t>();
   float* O = out.data_ptr<float>();
 
-  const int64_t G = H / KVH, per = std::max<int64_t>(1, ROWS / G);
+  // Positions per work item: ROWS rows' worth, fewer where that would leave threads idle.
+  int64_t positions = 0;
+  for (int64_t c = 0; c < C; ++c) positions += n[c];
+  const int64_t G = H / KVH, nthreads = at::get_num_threads();
+  const int64_t per = std::max<int64_t>(1, std::min<int64_t>(ROWS / G, positions * KVH / (4 * nthreads)));
   std::vector<Item> items;
   for (int64_t c = 0; c < C; ++c)
     for (int64_t i = 0; i < n[c]; i += per)
@@ -279,7 +283,7 @@ torch::Tensor paged_prefill_attention(torch::Tensor q, torch::Tensor k_cache, to
   auto run = Dh == 16 ? work_item<1> : Dh == 32 ? work_item<2> : Dh == 64 ? work_item<4>
            : Dh == 128 ? work_item<8> : work_item<0>;
   const int64_t N = static_cast<int64_t>(items.size());
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, N));
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     Scratch s(per * G, Dh);
     for (int64_t t = t0; t < t1; ++t)
