@@ -10,10 +10,11 @@
 //   out[t, h] = softmax(q[t, h] . K[0 .. pos(t), h / G] * scale) @ V[0 .. pos(t), h / G]
 //
 // A work item is one kv head of a run of a chunk's positions: the G query heads of those
-// positions share its keys, so they are its rows (up to 256, fewer when a step has few). Keys are taken 32 at a time
-// from wherever their blocks lie; a tile's keys are transposed once into scratch so that
-// the scores are a small matrix product, 8 rows x 32 keys in registers (then values: a
-// few rows x Dh in registers). The softmax is online (a running max and sum per row).
+// positions share its keys, so they are its rows (up to 256, fewer when a step has few).
+// Keys are taken 32 at a time from wherever their blocks lie; a tile's keys are
+// transposed once into scratch so that the scores are a small matrix product, 8 rows x 32
+// keys in registers (then values: a few rows x Dh in registers). The softmax is online
+// (a running max and sum per row).
 // Key tiles start at multiples of 32 of the context whatever the chunk, so a row's sums
 // run in the same order however its prompt was split into chunks or batched.
 
