@@ -30,7 +30,8 @@ CHUNK_KERNEL = "aten::_scaled_dot_product_flash_attention_for_cpu"
 def attention_kind(input_shapes: list) -> str:
     """An SDPA call by its attn_mask argument: none -> causal whole prompts; [q, L] -> prompt
     chunks after cached tokens, [B, 1, 1, L] -> decode buckets (the torch paths of
-    attention_service/attention.py; on CPU those two go to CHUNK_KERNEL and DECODE_KERNEL)."""
+    attention_service/attention.py; on CPU in fp32 the kernels PREFILL_KERNEL and
+    DECODE_KERNEL take their place)."""
     mask = input_shapes[3] if len(input_shapes) > 3 else []
     return {0: "attention, whole prompts (causal)", 2: "attention, prompt chunks after cached tokens",
             4: "attention, decode"}.get(len(mask), "attention, other")

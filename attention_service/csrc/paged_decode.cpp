@@ -91,45 +91,6 @@ inline void accumulate(float* acc, float alpha, const float* p, const float* v, 
   }
 }
 
-// The online softmax over one block's n scores s (turned into exp(s - new max)); returns
-// the factor that rescales what was summed before, and updates the running max m and sum l.
-template <int NV>
-inline float softmax_block(float* s, int64_t n, float& m, float& l) {
-  float mx = m, sum = 0.f;
-#ifdef __AVX512F__
-  if constexpr (NV > 0) {   // 16 lanes at a time, the tail masked
-    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    __m512 vmx = ninf;
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 k = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
-      vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(ninf, k, s + j));
-    }
-    mx = std::max(mx, _mm512_reduce_max_ps(vmx));
-    const __m512 vm = _mm512_set1_ps(mx);
-    __m512 vs = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 k = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), vm)));
-      _mm512_mask_storeu_ps(s + j, k, e);
-      vs = _mm512_add_ps(vs, e);
-    }
-    sum = _mm512_reduce_add_ps(vs);
-  } else
-#endif
-  {
-    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) {
-      s[j] = exp_nonpos(s[j] - mx);
-      sum += s[j];
-    }
-  }
-  const float alpha = exp_nonpos(m - mx);   // exp(-inf) = 0 on the first block
-  l = l * alpha + sum;
-  m = mx;
-  return alpha;
-}
-
 // One sequence: every head over every block of its table. s [H * bs], acc [H * DH], m, l [H]
 // are the calling thread's scratch.
 template <int NV>
@@ -148,7 +109,7 @@ void one_sequence(const float* q, const float* kc, const float* vc, const int64_
       const int64_t off = (h / G) * DH;
       float* sh = s + h * bs;
       scores<NV>(q + h * DH, K + off, n, row, DH, scale, sh);
-      const float alpha = softmax_block<NV>(sh, n, m[h], l[h]);
+      const float alpha = softmax_step(sh, n, m[h], l[h]);
       accumulate<NV>(acc + h * DH, alpha, sh, V + off, n, row, DH);
     }
   }

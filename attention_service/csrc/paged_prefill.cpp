@@ -132,50 +132,15 @@ void values_generic(float* o, const float* alpha, const float* p, const float* c
 
 // The online softmax of one tile for rows [r0, rows): row r sits at position pos0 + r / G
 // and sees the tile's first min(32, pos - k0 + 1) keys. p holds the scores and gets the
-// probabilities; alpha gets each row's rescale factor.
+// probabilities (0 for keys a row does not see); alpha gets each row's rescale factor.
 void softmax_tile(float* p, float* m, float* l, float* alpha, int64_t r0, int64_t rows, int64_t G, int64_t pos0,
                   int64_t k0) {
   for (int64_t r = r0; r < rows; ++r) {
     const int64_t cnt = std::min<int64_t>(KT, pos0 + r / G - k0 + 1);
-    float* pr = p + r * KT;
-    float mx = m[r];
-    for (int64_t j = 0; j < cnt; ++j) mx = std::max(mx, pr[j]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < KT; ++j) {
-      const float e = j < cnt ? exp_nonpos(pr[j] - mx) : 0.f;
-      pr[j] = e;
-      sum += e;
-    }
-    alpha[r] = exp_nonpos(m[r] - mx);   // exp(-inf) = 0 on the first tile
-    l[r] = l[r] * alpha[r] + sum;
-    m[r] = mx;
+    alpha[r] = softmax_step(p + r * KT, cnt, m[r], l[r]);
+    std::fill(p + r * KT + cnt, p + (r + 1) * KT, 0.f);
   }
 }
-
-#ifdef __AVX512F__
-// softmax_tile on 16 lanes at a time.
-void softmax_tile_512(float* p, float* m, float* l, float* alpha, int64_t r0, int64_t rows, int64_t G, int64_t pos0,
-                      int64_t k0) {
-  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t r = r0; r < rows; ++r) {
-    const int64_t cnt = std::min<int64_t>(KT, pos0 + r / G - k0 + 1);
-    const __mmask16 m0 = cnt >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cnt) - 1);
-    const __mmask16 m1 = cnt >= 32 ? 0xFFFF : cnt > 16 ? static_cast<__mmask16>((1u << (cnt - 16)) - 1) : 0;
-    float* pr = p + r * KT;
-    const __m512 s0 = _mm512_mask_loadu_ps(ninf, m0, pr), s1 = _mm512_mask_loadu_ps(ninf, m1, pr + 16);
-    const float mx = std::max(m[r], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
-    const __m512 mv = _mm512_set1_ps(mx);
-    const __m512 e0 = _mm512_maskz_mov_ps(m0, exp_nonpos(_mm512_sub_ps(s0, mv)));
-    const __m512 e1 = _mm512_maskz_mov_ps(m1, exp_nonpos(_mm512_sub_ps(s1, mv)));
-    _mm512_storeu_ps(pr, e0);
-    _mm512_storeu_ps(pr + 16, e1);
-    alpha[r] = exp_nonpos(m[r] - mx);
-    l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
-    m[r] = mx;
-  }
-}
-#endif
 
 // One work item: kv head g of positions pos0 .. pos0 + np - 1 of a context, whose query
 // rows start at q (qrow floats apart) and whose results go to out (rows H * Dh apart).
@@ -213,7 +178,7 @@ void work_item(const float* q, int64_t qrow, const float* kc, const float* vc, c
 #ifdef __AVX512F__
     if constexpr (NV > 0) {
       scores_rows<8>(qr, kt, dh, p, rows - r0);
-      softmax_tile_512(s.p.data(), s.m.data(), s.l.data(), s.alpha.data(), r0, rows, G, pos0, k0);
+      softmax_tile(s.p.data(), s.m.data(), s.l.data(), s.alpha.data(), r0, rows, G, pos0, k0);
       values_rows<NV, (NV >= 8 ? 3 : 6)>(o, s.alpha.data() + r0, p, s.v.data(), nk, rows - r0);
       continue;
     }

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -50,3 +51,39 @@ inline __m512 exp_nonpos(__m512 x) {
   return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
 }
 #endif
+
+// One step of an online softmax over n scores s (turned into exp(s - new max)): returns
+// the factor that rescales what was summed before, and updates the running max m and sum l.
+inline float softmax_step(float* s, int64_t n, float& m, float& l) {
+  float mx = m, sum = 0.f;
+#ifdef __AVX512F__
+  // 16 lanes at a time, the tail masked.
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 vmx = ninf;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(ninf, k, s + j));
+  }
+  mx = std::max(mx, _mm512_reduce_max_ps(vmx));
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 vs = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), vm)));
+    _mm512_mask_storeu_ps(s + j, k, e);
+    vs = _mm512_add_ps(vs, e);
+  }
+  sum = _mm512_reduce_add_ps(vs);
+#else
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = exp_nonpos(s[j] - mx);
+    sum += s[j];
+  }
+#endif
+  const float alpha = exp_nonpos(m - mx);   // exp(-inf) = 0 on the first step
+  l = l * alpha + sum;
+  m = mx;
+  return alpha;
+}
