@@ -142,7 +142,8 @@ class AsyncEngine:
             text, req.held = text[:-hold], text[-hold:]
         else:
             req.held = ""
-        req.queue.put_nowait(Delta(new, text, finish, lps, seq.num_prompt_tokens, seq.num_output))
+        req.queue.put_nowait(Delta(new, text, finish, lps, seq.num_prompt_tokens, seq.num_output,
+                                   seq.error if finish == "error" else None))
 
     def _fail_all(self, message: str) -> None:
         for req in list(self._requests.values()):

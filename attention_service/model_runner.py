@@ -17,6 +17,7 @@ micro-batch it is a plain loop on the caller's thread.
 """
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -27,10 +28,13 @@ from attention_service.attention import AttentionMetadata
 from attention_service.kv_cache import KVCache
 from attention_service.model import AttentionModel
 from attention_service.sampler import sample, top_logprobs
-from attention_service.scheduler import Scheduled
+from attention_service.scheduler import Failed, Scheduled
+from attention_service.sequence import Sequence
 from attention_service.transport import ExpertTransport
 from router.dispatch import Placement, combine, plan
 from router.gating import route
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,20 +120,43 @@ class ModelRunner:
         outs = await asyncio.gather(*(self.forward(mb) for mb in mbs))
         return torch.cat(outs)
 
-    async def run(self, scheduled: list[Scheduled]) -> list[int | None]:
-        """Compute a step; a new token for each sequence that reaches its end, None for the rest."""
+    async def run(self, scheduled: list[Scheduled]) -> list[int | Failed | None]:
+        """Compute a step; for each sequence that reaches its end a new token (or Failed, when
+        its sampling raised), None for the rest."""
         if not scheduled:
             return []
         logits = await self.logits(scheduled)                                    # [B, V]
         sampling = [s.seq for s in scheduled if s.samples]
-        tokens = sample(logits, [q.params for q in sampling], [q.seed for q in sampling],
-                        [q.num_output for q in sampling])
-        want = [i for i, q in enumerate(sampling) if q.params.logprobs is not None]
-        if want:
-            n = max(sampling[i].params.logprobs for i in want)
-            chosen, ids, vals = top_logprobs(logits[want], tokens[want], n)
-            for j, i in enumerate(want):
-                k = sampling[i].params.logprobs
-                sampling[i].logprobs.append((float(chosen[j]), list(zip(ids[j, :k].tolist(), vals[j, :k].tolist()))))
-        it = iter(tokens.tolist())
+        try:
+            picked = _sample(logits, sampling)
+        except Exception:
+            # One request's parameters must not fail the others: sample row by row, and only
+            # the rows that still raise fail.
+            log.exception("sampling a batch of %d failed; sampling its rows one at a time", len(sampling))
+            picked = [_sample_one(logits[i:i + 1], q) for i, q in enumerate(sampling)]
+        it = iter(picked)
         return [next(it) if s.samples else None for s in scheduled]
+
+
+def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """logits [B, V] -> a token per sequence; logprobs are recorded only once every row succeeded."""
+    tokens = sample(logits, [q.params for q in seqs], [q.seed for q in seqs], [q.num_output for q in seqs])
+    want = [i for i, q in enumerate(seqs) if q.params.logprobs is not None]
+    records = []
+    if want:
+        n = max(seqs[i].params.logprobs for i in want)
+        chosen, ids, vals = top_logprobs(logits[want], tokens[want], n)
+        for j, i in enumerate(want):
+            k = seqs[i].params.logprobs
+            records.append((seqs[i], (float(chosen[j]), list(zip(ids[j, :k].tolist(), vals[j, :k].tolist())))))
+    for q, rec in records:
+        q.logprobs.append(rec)
+    return tokens.tolist()
+
+
+def _sample_one(logits: torch.Tensor, seq: Sequence) -> int | Failed:
+    try:
+        return _sample(logits, [seq])[0]
+    except Exception as e:
+        log.warning("sampling failed for sequence %d: %s: %s", seq.seq_id, type(e).__name__, e)
+        return Failed(f"sampling failed: {type(e).__name__}: {e}")

@@ -66,12 +66,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return tokens
-    dev = logits.device
+    dev, V = logits.device, logits.shape[-1]
     idx = torch.tensor(rows, device=dev)
     temp = torch.tensor([params[i].temperature for i in rows], device=dev)
-    top_k = torch.tensor([params[i].top_k for i in rows], device=dev)
+    # Off (-1, 0) and a k of the whole vocabulary or more all mean no cut: 0 here.
+    top_k = torch.tensor([k if 0 < (k := params[i].top_k) < V else 0 for i in rows], device=dev)
     top_p = torch.tensor([params[i].top_p for i in rows], device=dev)
     mine = logits if len(rows) == len(params) else logits[idx]
+    # Shifted before dividing, so a tiny temperature sends the others to -inf and the best to 0,
+    # never inf - inf: the limit of the softmax as temperature goes to 0 is the argmax.
+    mine = mine - mine.max(dim=-1, keepdim=True).values
     probs = torch.softmax(mine / temp[:, None], dim=-1)                   # [R, V]
     u = _uniforms([seeds[i] for i in rows], [steps[i] for i in rows]).to(dev)
     plain = (top_k == 0) & (top_p >= 1)                                   # [R] no cut: the softmax as it is

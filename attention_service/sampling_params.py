@@ -10,7 +10,7 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # 0 means greedy: always the most likely token.
     temperature: float = 1.0
     top_p: float = 1.0
-    # 0 means no top-k cut.
+    # 0 or -1 (the common "off" value) means no top-k cut; a k of the vocabulary or more cuts nothing.
     top_k: int = 0
     # Same seed, same output, whatever else shares the batch.
     seed: int | None = None
@@ -30,8 +30,8 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be >= -1 (-1 or 0 disables it), got {self.top_k}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not s for s in self.stop):

@@ -18,6 +18,13 @@ from attention_service.block_manager import BlockManager
 from attention_service.sequence import Sequence, Status
 
 
+@dataclass(frozen=True)
+class Failed:
+    """In place of a sampled token: this sequence's step could not be completed, and why."""
+
+    error: str
+
+
 @dataclass
 class Scheduled:
     seq: Sequence
@@ -98,8 +105,8 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, scheduled: list[Scheduled], sampled: list[int | None], eos_id: int) -> list[Sequence]:
-        """Record a step's work and new tokens; returns the sequences that got a token."""
+    def postprocess(self, scheduled: list[Scheduled], sampled: list[int | Failed | None], eos_id: int) -> list[Sequence]:
+        """Record a step's work and new tokens; returns the sequences that got a token or failed."""
         touched = []
         for s, tok in zip(scheduled, sampled):
             seq = s.seq
@@ -107,6 +114,11 @@ class Scheduler:
                 continue
             seq.num_computed += s.num_tokens
             if tok is None:
+                continue
+            if isinstance(tok, Failed):
+                seq.error = tok.error
+                touched.append(seq)
+                self.finish(seq, "error")
                 continue
             seq.token_ids.append(tok)
             touched.append(seq)

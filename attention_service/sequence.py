@@ -28,6 +28,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.status = Status.WAITING
         self.finish_reason: str | None = None
+        self.error: str | None = None    # why it finished with "error"
         self.arrival = time.monotonic()
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.trace_context = None        # the request's OpenTelemetry context, when it is sampled

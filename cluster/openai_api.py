@@ -168,8 +168,7 @@ def _params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingPa
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
-            top_k=0 if req.top_k in (None, -1) else req.top_k,      # -1 is vLLM's "no cut"
+            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, top_k=req.top_k or 0,
             stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs)
     except ValueError as e:

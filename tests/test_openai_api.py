@@ -224,6 +224,27 @@ def test_nulls_mean_defaults(v1):
     assert status == 200 and body["usage"]["completion_tokens"] == 2 and body["choices"][0]["logprobs"] is None
 
 
+def test_extreme_top_k_harms_nobody_in_its_step(v1, tiny_ckpt):
+    """top_k of 2^63 and more, 0 and -1 mean no cut; innocent streams sharing the step are untouched."""
+    url, _, _ = v1
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        innocents = [aclient.completions.create(model="tiny", prompt=[1, 22, 33], max_tokens=24, stream=True,
+                                                **GREEDY) for _ in range(4)]
+        odd = [aclient.completions.create(model="tiny", prompt="hi", max_tokens=8, extra_body={"top_k": k})
+               for k in (2**63, 2**64 + 5, 0, -1)]
+        streams, odd = await asyncio.gather(asyncio.gather(*innocents), asyncio.gather(*odd))
+        texts = ["".join([c.choices[0].text async for c in s]) for s in streams]
+        await aclient.close()
+        return texts, odd
+
+    texts, odd = asyncio.run(run())
+    assert all(o.usage.completion_tokens == 8 for o in odd)
+    _, want_text = reference(tiny_ckpt, [1, 22, 33], 24)
+    assert texts == [want_text] * 4
+
+
 def test_the_openai_client_sees_typed_errors(v1):
     _, _, client = v1
     with pytest.raises(openai.NotFoundError) as e:

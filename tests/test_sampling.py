@@ -126,3 +126,39 @@ def test_engine_refuses_what_cannot_run(tiny_ckpt):
         engine.add([1, 32000], SamplingParams())
     with pytest.raises(ValueError, match="empty"):
         engine.add([], SamplingParams())
+
+
+@pytest.mark.parametrize("off", [-1, 0, 32000, 2**63, 10**30])
+def test_top_k_off_and_beyond_the_vocabulary_sample_the_whole_softmax(off):
+    logits = torch.randn(3, 32000)
+    p = SamplingParams(temperature=0.7, top_k=off)
+    assert torch.equal(sample(logits.clone(), [p] * 3, [5, 6, 7], [0] * 3),
+                       sample(logits.clone(), [SamplingParams(temperature=0.7)] * 3, [5, 6, 7], [0] * 3))
+
+
+def test_a_tiny_temperature_is_the_argmax_not_nan():
+    logits = torch.randn(8, 1000) * 30
+    out = sample(logits, [SamplingParams(temperature=1e-30, top_p=0.5)] * 8, list(range(8)), [0] * 8)
+    assert torch.equal(out, logits.argmax(-1))
+
+
+def test_a_request_whose_sampling_raises_fails_alone(tiny_ckpt):
+    """Parameters the checks let through but the sampler cannot take end that request with an
+    error; the others in its steps go on to their single-run tokens and every block comes back."""
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True, logprobs=2)
+    poison = SamplingParams(max_tokens=10, temperature=0.8, ignore_eos=True)
+    msgspec.structs.force_setattr(poison, "temperature", "hot")    # past the checks: the sampler raises on it
+    engine, _ = build_engine(tiny_ckpt)
+    prompts = [[1, 300, 301], [1, 400, 401, 402], [1, 500]]
+    alone = [asyncio.run(engine.generate([p], q))[0] for p, q in zip(prompts[:2], (greedy, seeded))]
+    good = [engine.add(prompts[0], greedy), engine.add(prompts[1], seeded)]
+    bad = engine.add(prompts[2], poison)
+    while engine.scheduler.has_work:
+        asyncio.run(engine.step())
+    assert bad.finish_reason == "error" and "sampling failed" in bad.error
+    for seq, ref in zip(good, alone):
+        assert seq.finish_reason == "length" and seq.output_ids == ref.output_ids
+    assert [[i for i, _ in alts] for _, alts in good[1].logprobs] == [[i for i, _ in alts] for _, alts in alone[1].logprobs]
+    assert [lp for lp, _ in good[1].logprobs] == pytest.approx([lp for lp, _ in alone[1].logprobs], abs=1e-4)
+    assert engine.blocks.num_free == engine.blocks.num_blocks
