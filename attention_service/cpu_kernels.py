@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.config import CACHE
+from mixtral.config import CACHE
 
 log = logging.getLogger(__name__)
 

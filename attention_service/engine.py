@@ -19,8 +19,8 @@ from attention_service.sampling_params import SamplingParams, check_prompt
 from attention_service.scheduler import Scheduled, Scheduler
 from attention_service.sequence import Sequence
 from attention_service.transport import ExpertTransport
-from cluster import telemetry
-from cluster.config import EngineConfig
+from cluster.observe import telemetry
+from attention_service.config import EngineConfig
 from router.dispatch import Placement
 from router.routing_stats import RoutingStats
 

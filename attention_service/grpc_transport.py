@@ -23,7 +23,7 @@ import grpc
 import torch
 from opentelemetry import trace
 
-from cluster import telemetry
+from cluster.observe import telemetry
 from protos import codec, expert_pb2 as pb
 from protos.channel import FORWARD, INFO, channel_options
 from router.dispatch import GroupBatch, Placement

@@ -3,7 +3,7 @@
 import torch
 
 from attention_service.model import AttentionModel
-from cluster.checkpoint import Checkpoint, attention_tensor_names
+from mixtral.checkpoint import Checkpoint, attention_tensor_names
 
 
 def load_attention_model(ckpt: Checkpoint, dtype: torch.dtype, device: str = "cpu",

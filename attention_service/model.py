@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from attention_service.attention import AttentionMetadata, paged_attention
 # The matmul helpers the expert math uses too: fp32 weights on CPU go to oneDNN (see pack_linear).
-from router.linear import linear, pack_linear
+from mixtral.linear import linear, pack_linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

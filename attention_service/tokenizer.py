@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 if TYPE_CHECKING:
-    from cluster.checkpoint import Checkpoint
+    from mixtral.checkpoint import Checkpoint
 
 _REPLACEMENT = "\ufffd"
 _CONTEXT = 6  # prompt ids kept to frame the first delta (so it keeps its leading space)
@@ -32,8 +32,8 @@ class Tokenizer:
         """The tokenizer of an opened Checkpoint, or of a checkpoint folder (vocab checked)."""
         path = getattr(ckpt, "tokenizer_path", None)
         if path is None:
-            from cluster.checkpoint import CheckpointError, find_tokenizer
-            from cluster.config import load_model_config
+            from mixtral.checkpoint import CheckpointError, find_tokenizer
+            from mixtral.config import load_model_config
 
             folder = getattr(ckpt, "path", ckpt)
             if not Path(folder).is_dir():

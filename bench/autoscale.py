@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from serve_load import Record, http_request, pct  # noqa: E402
 
-from cluster.metrics_gather import parse, samples  # noqa: E402
+from cluster.observe.metrics_gather import parse, samples  # noqa: E402
 
 TARGET_IMBALANCE = 1.25
 
@@ -193,11 +193,12 @@ def main() -> int:
     import ray
 
     from attention_service.sampling_params import SamplingParams
-    from cluster import app_config
-    from cluster.builder import deploy
-    from cluster.config import EngineConfig, preset
+    from cluster.serve import app_config
+    from cluster.serve.builder import deploy
+    from mixtral.config import preset
+    from attention_service.config import EngineConfig
     from cluster.local import build_engine
-    from cluster.make_checkpoint import write_random_checkpoint
+    from mixtral.random_checkpoint import write_random_checkpoint
     from ray import serve
 
     t_start = time.perf_counter()

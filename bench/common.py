@@ -39,8 +39,8 @@ def checkpoint(preset_name: str = "bench", seed: int = 0, variant: str | None = 
     preset's fields (overrides, e.g. num_hidden_layers=1) and is cached under its own name."""
     import msgspec
 
-    from cluster.config import preset
-    from cluster.make_checkpoint import write_random_checkpoint
+    from mixtral.config import preset
+    from mixtral.random_checkpoint import write_random_checkpoint
 
     if overrides and not variant:
         raise ValueError("a checkpoint with overrides needs a variant name")

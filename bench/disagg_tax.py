@@ -73,7 +73,8 @@ import common  # noqa: E402  (also puts the repo root on sys.path)
 import torch  # noqa: E402
 
 from attention_service.sampling_params import SamplingParams  # noqa: E402
-from cluster.config import EngineConfig, load_model_config  # noqa: E402
+from mixtral.config import load_model_config  # noqa: E402
+from attention_service.config import EngineConfig  # noqa: E402
 from cluster.local import build_engine, connect_engine, split_experts  # noqa: E402
 from expert_service.launcher import start_shards, stop_shards  # noqa: E402
 

@@ -59,7 +59,8 @@ import common  # noqa: E402  (also puts the repo root on sys.path)
 import torch  # noqa: E402
 
 from attention_service.sampling_params import SamplingParams  # noqa: E402
-from cluster.config import EngineConfig, load_model_config  # noqa: E402
+from mixtral.config import load_model_config  # noqa: E402
+from attention_service.config import EngineConfig  # noqa: E402
 from cluster.local import build_engine  # noqa: E402
 
 TARGET_RATIO = 1.5

@@ -93,8 +93,9 @@ import torch  # noqa: E402
 
 from attention_service.async_engine import AsyncEngine  # noqa: E402
 from attention_service.sampling_params import SamplingParams  # noqa: E402
-from cluster.backend import token_text  # noqa: E402
-from cluster.config import EngineConfig, load_model_config  # noqa: E402
+from cluster.api.backend import token_text  # noqa: E402
+from mixtral.config import load_model_config  # noqa: E402
+from attention_service.config import EngineConfig  # noqa: E402
 from cluster.local import build_engine, connect_engine, split_experts  # noqa: E402
 
 TARGET_RATIO = 0.7
@@ -303,7 +304,7 @@ async def engine_request(engine: AsyncEngine, prompt: list[int], max_tokens: int
     r = Record(time.perf_counter(), max_tokens)
     try:
         async for d in engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)):
-            # The HTTP side sends a chunk for exactly these deltas (cluster/openai_api.py).
+            # The HTTP side sends a chunk for exactly these deltas (cluster/api/openai_api.py).
             if d.text or d.finish_reason is not None:
                 r.chunks.append(time.perf_counter())
             r.tokens += len(d.token_ids)
@@ -518,7 +519,7 @@ def main() -> int:
     if a.model:
         ckpt = Path(a.model)
     elif a.url:
-        from cluster.cli import default_model
+        from cluster.tools.cli import default_model
         ckpt = default_model()
     else:
         ckpt = common.checkpoint(a.preset)

@@ -72,7 +72,8 @@ import torch  # noqa: E402
 
 from attention_service.async_engine import AsyncEngine  # noqa: E402
 from attention_service.sampling_params import SamplingParams  # noqa: E402
-from cluster.config import EngineConfig, load_model_config  # noqa: E402
+from mixtral.config import load_model_config  # noqa: E402
+from attention_service.config import EngineConfig  # noqa: E402
 from cluster.local import build_engine  # noqa: E402
 
 TARGET_RATIO = 5.0

@@ -10,8 +10,8 @@ from attention_service.engine import Engine
 from attention_service.loader import load_attention_model
 from attention_service.tokenizer import Tokenizer
 from attention_service.transport import ExpertTransport, InProcessTransport
-from cluster.checkpoint import Checkpoint, resolve_dtype
-from cluster.config import EngineConfig
+from mixtral.checkpoint import Checkpoint, resolve_dtype
+from attention_service.config import EngineConfig
 from expert_service.loader import load_experts
 from router.dispatch import Placement
 

@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from cluster.checkpoint import CheckpointError
-    from cluster.config import ConfigError
+    from mixtral.checkpoint import CheckpointError
+    from mixtral.config import ConfigError
 
     try:
         asyncio.run(run(a))

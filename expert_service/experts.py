@@ -9,13 +9,13 @@ are sorted by expert once per call and each expert runs one matmul over all its 
 the only Python loop is over the experts present, never over tokens.
 
 Every matmul goes through `linear`, on weights prepared once by `pack_linear`
-(router/linear.py says why fp32 weights on CPU are handed to oneDNN).
+(mixtral/linear.py says why fp32 weights on CPU are handed to oneDNN).
 """
 
 import torch
 import torch.nn.functional as F
 
-from router.linear import linear, pack_linear
+from mixtral.linear import linear, pack_linear
 
 
 class ExpertWeights:

@@ -2,7 +2,7 @@
 
 import torch
 
-from cluster.checkpoint import Checkpoint, expert_tensor_names
+from mixtral.checkpoint import Checkpoint, expert_tensor_names
 from expert_service.experts import ExpertWeights
 
 

@@ -27,8 +27,8 @@ import grpc
 import torch
 from opentelemetry import trace
 
-from cluster import telemetry
-from cluster.checkpoint import Checkpoint, resolve_dtype
+from cluster.observe import telemetry
+from mixtral.checkpoint import Checkpoint, resolve_dtype
 from expert_service.experts import ExpertWeights
 from expert_service.loader import load_experts
 from protos.channel import DEFAULT_MAX_MESSAGE_BYTES, FORWARD, FORWARD_STREAM, SERVICE, channel_options  # noqa: F401

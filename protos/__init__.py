@@ -1,0 +1,1 @@
+"""The wire contract: .proto files, their generated stubs and the tensor codec."""

@@ -1,0 +1,1 @@
+"""MoE routing: top-k gating, the dispatch plan and combine, routing statistics."""

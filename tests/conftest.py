@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.config import ModelConfig, preset
-from cluster.make_checkpoint import write_random_checkpoint
+from mixtral.config import ModelConfig, preset
+from mixtral.random_checkpoint import write_random_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.config import CACHE
+from mixtral.config import CACHE
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "moe-serve"

@@ -6,8 +6,8 @@ from contextlib import contextmanager
 import ray
 from ray import serve
 
-from cluster import app_config
-from cluster.builder import deploy, set_ray_env
+from cluster.serve import app_config
+from cluster.serve.builder import deploy, set_ray_env
 
 
 def free_port() -> int:

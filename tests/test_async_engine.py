@@ -7,7 +7,8 @@ import torch
 
 from attention_service.async_engine import AsyncEngine, _stop_scan
 from attention_service.sampling_params import SamplingParams
-from cluster.config import EngineConfig, ModelConfig
+from mixtral.config import ModelConfig
+from attention_service.config import EngineConfig
 from cluster.local import build_engine
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)

@@ -17,9 +17,9 @@ import openai
 import pytest
 from ray import serve
 
-from cluster.config import preset
-from cluster.dashboard import grafana_dashboard, metric_names
-from cluster.make_checkpoint import write_random_checkpoint
+from mixtral.config import preset
+from cluster.observe.dashboard import grafana_dashboard, metric_names
+from mixtral.random_checkpoint import write_random_checkpoint
 from serve_app import running_app
 
 MAX = 3

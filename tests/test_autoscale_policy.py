@@ -7,7 +7,7 @@ import pytest
 from ray.serve._private.common import DeploymentID
 from ray.serve.config import AutoscalingContext
 
-from cluster.autoscale_policy import AppPolicy, Rule, decide, wanted
+from cluster.serve.autoscale_policy import AppPolicy, Rule, decide, wanted
 
 RULE = Rule(min_replicas=1, max_replicas=4, target=100.0, hysteresis=0.2, max_pressure=0.85,
             upscale_delay_s=5.0, downscale_delay_s=30.0)
@@ -135,8 +135,8 @@ def test_app_policy_per_group_settings_override_the_default():
                                           ("attention", {"hysteresis": 1.0}), ("attention", {"target_requests": 0})])
 def test_settings_the_policy_would_divide_by_are_refused_by_name(section, bad):
     """Refused when the config is read, not found out by a ZeroDivisionError inside Serve's controller."""
-    from cluster.app_config import decode
-    from cluster.config import ConfigError
+    from cluster.serve.app_config import decode
+    from mixtral.config import ConfigError
 
     with pytest.raises(ConfigError, match=next(iter(bad))):
         decode({"autoscaling": {section: bad}})

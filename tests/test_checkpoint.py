@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cluster.checkpoint import (
+from mixtral.checkpoint import (
     INDEX_FILE, Checkpoint, CheckpointError, attention_tensor_names, expected_tensors, expert_tensor_names,
 )
-from cluster.config import ConfigError, preset
-from cluster.make_checkpoint import write_random_checkpoint
+from mixtral.config import ConfigError, preset
+from mixtral.random_checkpoint import write_random_checkpoint
 
 TINY = preset("tiny")
 W2 = "model.layers.1.block_sparse_moe.experts.3.w2.weight"

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 from attention_service.sampling_params import SamplingParams
-from cluster.checkpoint import Checkpoint
+from mixtral.checkpoint import Checkpoint
 from cluster.local import build_engine
 
-CLI = [sys.executable, "-m", "cluster.cli"]
+CLI = [sys.executable, "-m", "cluster.tools.cli"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ import json
 import msgspec
 import pytest
 
-from cluster.config import PRESETS, ConfigError, from_hf_dict, load_model_config, preset
+from mixtral.config import PRESETS, ConfigError, from_hf_dict, load_model_config, preset
 
 # Mixtral-8x7B-v0.1's config.json as published, training knobs and all.
 MIXTRAL_8X7B_CONFIG = {

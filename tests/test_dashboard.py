@@ -15,9 +15,10 @@ import torch
 from fastapi import FastAPI
 
 from attention_service.grpc_transport import WireStats
-from cluster import dashboard, request_telemetry, telemetry
-from cluster.dashboard_data import histogram_quantile, summarize
-from cluster.metrics_gather import merge, parse, samples
+from cluster.api import request_telemetry
+from cluster.observe import dashboard, telemetry
+from cluster.observe.dashboard_data import histogram_quantile, summarize
+from cluster.observe.metrics_gather import merge, parse, samples
 from router.routing_stats import RoutingStats
 
 LAYERS, EXPERTS, GROUPS = 6, 8, 4
@@ -122,7 +123,7 @@ def app(monkeypatch):
 # --- Grafana ------------------------------------------------------------------------------
 def test_chart_dashboard_is_current():
     assert dashboard.CHART_DASHBOARD.read_text(encoding="utf-8") == dashboard.dashboard_text(), (
-        f"{dashboard.CHART_DASHBOARD} is stale: run `python -m cluster.dashboard --write`")
+        f"{dashboard.CHART_DASHBOARD} is stale: run `python -m cluster.observe.dashboard --write`")
 
 
 def test_grafana_dashboard_shape():

@@ -14,8 +14,8 @@ import subprocess
 import pytest
 from fastapi import FastAPI
 
-from cluster.dashboard import add_dashboard_routes
-from cluster.dashboard_data import summarize
+from cluster.observe.dashboard import add_dashboard_routes
+from cluster.observe.dashboard_data import summarize
 from http_server import serving
 from test_dashboard import EXPERTS, GROUPS, LAYERS, REPORT, app  # noqa: F401  (app is a fixture)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attention_service.sampling_params import SamplingParams
-from cluster.config import EngineConfig
+from attention_service.config import EngineConfig
 from cluster.local import build_engine, connect_engine, split_experts
 from expert_service.launcher import start_shards
 

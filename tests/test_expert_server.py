@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 
-from cluster.checkpoint import Checkpoint
+from mixtral.checkpoint import Checkpoint
 from expert_service.launcher import ShardStartError, running_shards, start_shards, stop_shards
 from expert_service.loader import load_experts
 from expert_service.server import FORWARD, FORWARD_STREAM, channel_options, serve

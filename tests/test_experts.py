@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cluster.checkpoint import Checkpoint, expert_tensor_names
-from cluster.config import preset
+from mixtral.checkpoint import Checkpoint, expert_tensor_names
+from mixtral.config import preset
 from expert_service.experts import ExpertWeights
 from expert_service.loader import load_experts
 from router.dispatch import Placement, combine, plan

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from helm_tool import CHART, ToolUnavailable, crd_schema, helm_binary, kuberay_crds
 
-from cluster import app_config
+from cluster.serve import app_config
 
 RELEASE, NAMESPACE = "mixtral", "llm"
 NAME = "mixtral-moe-serve"
@@ -36,7 +36,7 @@ def values_files(tmp_path_factory) -> dict[str, list[str]]:
     for name in VALUES[1:]:
         path = tmp_path_factory.mktemp("plan") / f"{name}.yaml"
         context = "32768" if name == "mixtral-8x7b" else "65536"
-        r = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", "--preset", name, "--gpu-memory", "80GiB",
+        r = subprocess.run([sys.executable, "-m", "cluster.tools.cli", "plan", "--preset", name, "--gpu-memory", "80GiB",
                             "--context", context, "--concurrency", "16", "--values-out", str(path)],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
@@ -103,17 +103,17 @@ def test_ray_cluster_layout(rendered, case):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")     # Ray's pydantic models, not ours
 @pytest.mark.parametrize("case", VALUES)
 def test_serve_config_is_ours_and_rays(rendered, case):
-    from cluster.builder import GRPC_SERVICERS, serve_config as ours
+    from cluster.serve.builder import GRPC_SERVICERS, serve_config as ours
 
     sc = serve_config(rendered[case])
     assert sc["http_options"] == {"host": "0.0.0.0", "port": 8000}
     assert sc["grpc_options"] == {"port": 9000, "grpc_servicer_functions": GRPC_SERVICERS}
     (app,) = sc["applications"]
     cfg = app_config.decode(app["args"], "serveConfigV2 args")
-    # The same application `moe-serve up` deploys (cluster.builder.serve_config).
+    # The same application `moe-serve up` deploys (cluster.serve.builder.serve_config).
     want = ours(cfg, cfg.model or "/m")["applications"][0]
     assert (app["name"], app["route_prefix"]) == ("moe-serve", "/")
-    assert app["import_path"] == want["import_path"] == "cluster.builder:app_builder"
+    assert app["import_path"] == want["import_path"] == "cluster.serve.builder:app_builder"
     assert set(app) == set(want)
     if "autoscaling_policy" in want:
         policy = app["autoscaling_policy"]
@@ -295,7 +295,7 @@ def test_versions_agree():
 
 def test_every_ray_container_starts_with_the_apps_ray_environment(helm):
     """The proxy and controller read these from the pod's environment; the user's env comes after."""
-    from cluster.builder import RAY_ENV
+    from cluster.serve.builder import RAY_ENV
 
     docs = render(helm, "--set", "env[0].name=HF_HUB_OFFLINE", "--set-string", "env[0].value=1")
     for spec in pods(docs):

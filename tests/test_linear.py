@@ -1,11 +1,11 @@
-"""The shared matmul (router/linear.py): oneDNN on packed fp32 weights, row counts padded."""
+"""The shared matmul (mixtral/linear.py): oneDNN on packed fp32 weights, row counts padded."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from router import linear as linear_mod
-from router.linear import linear, pack_linear
+from mixtral import linear as linear_mod
+from mixtral.linear import linear, pack_linear
 
 W = torch.randn(384, 256, generator=torch.Generator().manual_seed(0))
 X = torch.randn(700, 256, generator=torch.Generator().manual_seed(1))

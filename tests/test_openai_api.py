@@ -19,11 +19,11 @@ from mistral_common.protocol.instruct.tool_calls import Function, Tool
 from attention_service.async_engine import Delta
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
-from cluster.backend import LocalBackend, token_text
-from cluster.chat import ChatReply, chat_prompt, parse_tool_calls, tool_calls_token
-from cluster.config import preset
+from cluster.api.backend import LocalBackend, token_text
+from cluster.api.chat import ChatReply, chat_prompt, parse_tool_calls, tool_calls_token
+from mixtral.config import preset
 from cluster.local import build_engine
-from cluster.openai_api import build_openai_app
+from cluster.api.openai_api import build_openai_app
 from http_server import serving
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from attention_service.sampling_params import SamplingParams
-from cluster.config import EngineConfig, ModelConfig, preset
+from mixtral.config import ModelConfig, preset
+from attention_service.config import EngineConfig
 from cluster.local import build_engine
 
 transformers = pytest.importorskip("transformers")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import app_config
-from cluster.config import preset
-from cluster.plan import GiB, PlanError, chart_values, make_plan, parse_size
+from cluster.serve import app_config
+from mixtral.config import preset
+from cluster.tools.plan import GiB, PlanError, chart_values, make_plan, parse_size
 
 KiB = 1024
 # DESIGN.md §1, bf16: one expert over all layers, all experts, attention side (GB), KV per token.
@@ -127,7 +127,7 @@ def test_chart_values_decode_into_the_app_config(name):
 
 
 def run_plan(*args):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", "plan", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cluster.tools.cli", "plan", *args], capture_output=True, text=True,
                           timeout=120)
 
 

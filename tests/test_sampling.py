@@ -8,7 +8,7 @@ import torch
 
 from attention_service.sampler import _TOP_P_CANDIDATES, _candidates, sample
 from attention_service.sampling_params import SamplingParams
-from cluster.config import EngineConfig
+from attention_service.config import EngineConfig
 from cluster.local import build_engine
 
 

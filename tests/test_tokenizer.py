@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attention_service.tokenizer import Tokenizer
-from cluster.checkpoint import Checkpoint
-from cluster.config import preset
+from mixtral.checkpoint import Checkpoint
+from mixtral.config import preset
 
 TEXTS = [
     "Hello, world! Ça va très bien, merci. Größe, niño, façade.",

@@ -63,13 +63,13 @@ checkpoint unless the config names one itself. */}}
 {{- default "moe-serve" .Values.serve.config.name }}
 {{- end }}
 
-{{/* serveConfigV2: Serve's proxies and the one application, as cluster.builder.serve_config
+{{/* serveConfigV2: Serve's proxies and the one application, as cluster.serve.builder.serve_config
 makes it for `moe-serve up`: with autoscaling on (the config's default), the application-level
 policy gets the app's config as its constructor argument. */}}
 {{- define "moe-serve.serveConfig" -}}
 {{- $args := include "moe-serve.args" . | fromYaml }}
 {{- $app := dict "name" (include "moe-serve.appName" .) "route_prefix" "/"
-      "import_path" "cluster.builder:app_builder" "args" $args }}
+      "import_path" "cluster.serve.builder:app_builder" "args" $args }}
 {{- $auto := default dict $args.autoscaling }}
 {{- $off := and (hasKey $auto "enabled") (not $auto.enabled) }}
 {{- if and .Values.serve.autoscalingPolicy (not $off) }}

@@ -50,7 +50,7 @@ spec:
       image: {{ include "moe-serve.image" $root | quote }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
       env:
-        # As cluster/builder.py RAY_ENV: Serve's throughput settings (the proxy and the
+        # As cluster/serve/builder.py RAY_ENV: Serve's throughput settings (the proxy and the
         # controller read them from here), and replicas at the ordinary priority.
         - {name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, value: "0"}
         - {name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP, value: "0"}

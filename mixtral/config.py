@@ -181,32 +181,3 @@ def preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
-
-
-class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How an attention shard runs its engine."""
-
-    device: str = "cpu"
-    # "auto": the checkpoint's dtype on CPU, bfloat16 on GPU.
-    dtype: str = "auto"
-    # KV cache block, in tokens. 32 on CPU: the decode kernel streams the benchmark model's
-    # 16 KiB blocks ~25% faster than 8 KiB ones. GPU plans (cluster/plan.py) write 16.
-    block_size: int = 32
-    # KV cache size in bytes; unset on GPU means kv_cache_fraction of the memory left after weights.
-    kv_cache_bytes: int | None = None
-    kv_cache_fraction: float = 0.85
-    max_num_seqs: int = 256
-    # The per-step token budget shared by decodes and prefill chunks: larger favours
-    # throughput, smaller keeps decode latency flat while long prompts come in.
-    max_batched_tokens: int = 2048
-    # Micro-batches per step for overlapping attention with expert RPCs; 1 turns it off.
-    micro_batches: int = 1
-    # Cap on prompt + generation; unset means the model's max_position_embeddings.
-    max_model_len: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_batched_tokens", "micro_batches"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 < self.kv_cache_fraction <= 1:
-            raise ConfigError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")

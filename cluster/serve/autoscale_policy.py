@@ -13,7 +13,7 @@ and applies the returned counts.
     down       = ceil(demand / (target * (1 - h)))  (only below the current count: hysteresis)
     acted on   once the wish has held upscale_delay_s / downscale_delay_s, within [min, max]
 
-Serve's own delays and factors are left neutral (see cluster/builder.py): the delays are
+Serve's own delays and factors are left neutral (see cluster/serve/builder.py): the delays are
 applied here, where they can be tested.
 """
 
@@ -95,7 +95,7 @@ class AppPolicy:
     """Ray Serve application-level policy (`policy_kwargs: {config: <the app's config>}`)."""
 
     def __init__(self, config: dict | None = None):
-        from cluster.app_config import decode, group_scaling
+        from cluster.serve.app_config import decode, group_scaling
 
         cfg = decode(config or {}, "autoscaling policy config")
         self.name = cfg.name
@@ -146,7 +146,7 @@ class AppPolicy:
         self._published = (now, targets)
         try:
             if self._directory is None:
-                from cluster.directory import get_directory
+                from cluster.serve.directory import get_directory
                 self._directory = get_directory(f"{self.name}-endpoints")
             self._directory.set_scaling.remote(report)
         except Exception:

@@ -1,5 +1,5 @@
 """Reading a load time series for `moe-serve tune`: levels, noise, bursts, and the load
-at which latency grows. Plain numbers in, plain numbers out (see cluster/tune.py)."""
+at which latency grows. Plain numbers in, plain numbers out (see cluster/tools/tune.py)."""
 
 from __future__ import annotations
 

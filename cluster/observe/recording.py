@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from cluster.dashboard_data import histogram_quantile, increase
+from cluster.observe.dashboard_data import histogram_quantile, increase
 
 Key = tuple[str, ...]
 # The routing load, as the front door's /metrics names it: what `top` and `tune` read most.

@@ -45,7 +45,7 @@ class Telemetry:
     """This process's providers, instruments and /metrics server."""
 
     def __init__(self, service: str, spec=None):
-        from cluster.app_config import TelemetrySpec
+        from cluster.serve.app_config import TelemetrySpec
 
         spec = spec or TelemetrySpec()
         self.service, self.spec = service, spec

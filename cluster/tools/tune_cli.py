@@ -1,6 +1,6 @@
 """`moe-serve tune` on the command line: read the load, print the reasoning and the YAML.
 
-The method is in cluster/tune.py. The YAML is an `autoscaling:` block and, when the groups
+The method is in cluster/tools/tune.py. The YAML is an `autoscaling:` block and, when the groups
 want different settings, `expert_groups` with each group's own `scaling`; with --config it
 is that file with the proposal merged in. Either way it decodes as an app config before
 it is printed or written.
@@ -14,9 +14,10 @@ import time
 import msgspec
 import yaml
 
-from cluster import app_config, recording
-from cluster.recording import Recording, ScrapeError
-from cluster.tune import Proposal, propose
+from cluster.observe import recording
+from cluster.serve import app_config
+from cluster.observe.recording import Recording, ScrapeError
+from cluster.tools.tune import Proposal, propose
 
 
 def sample(url: str, duration: float, interval: float) -> Recording:
@@ -128,7 +129,7 @@ def add_parser(sub) -> None:
                     "attention: target tokens/s per replica from measured capacity x --utilization, min/max "
                     "replicas from the demand's p10 and peak, up/down delays from how fast bursts rise and how "
                     "long the gaps between them last, hysteresis from the demand's noise. Prints the reasoning "
-                    "line by line, then the YAML (see cluster/tune.py for the method).")
+                    "line by line, then the YAML (see cluster/tools/tune.py for the method).")
     q.add_argument("--metrics", required=True, metavar="URL|FILE",
                    help="the front door (http://host:8000) to sample, or a recording (JSON lines)")
     q.add_argument("--duration", type=float, default=60.0, help="seconds to sample a URL for (default: 60)")

@@ -19,7 +19,7 @@ from typing import Iterable
 import torch
 from safetensors import safe_open
 
-from cluster.config import ModelConfig, load_model_config
+from mixtral.config import ModelConfig, load_model_config
 
 
 class CheckpointError(ValueError):

@@ -18,8 +18,8 @@ import msgspec
 import torch
 from safetensors.torch import save_file
 
-from cluster.checkpoint import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, CheckpointError, expected_tensors
-from cluster.config import ModelConfig
+from mixtral.checkpoint import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, CheckpointError, expected_tensors
+from mixtral.config import ModelConfig
 
 # vocab size -> (file shipped in mistral_common's data/ folder, name in the checkpoint)
 _TOKENIZERS = {

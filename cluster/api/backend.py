@@ -20,7 +20,7 @@ from attention_service.async_engine import AsyncEngine, Delta
 from attention_service import sampling_params
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
-from cluster.config import EngineConfig
+from attention_service.config import EngineConfig
 
 _DELTA_FIELDS = {f.name for f in fields(Delta)}
 

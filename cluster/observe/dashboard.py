@@ -2,9 +2,9 @@
 
 `PANELS` names each view with its PromQL for Grafana; the panels marked `page` are also
 drawn by the front door's own page (titles and units from here), which computes the same
-figures from the gathered /metrics without a Prometheus (cluster/dashboard_data.py).
+figures from the gathered /metrics without a Prometheus (cluster/observe/dashboard_data.py).
 
-    python -m cluster.dashboard --write     # regenerate the chart's dashboards/moe-serve.json
+    python -m cluster.observe.dashboard --write     # regenerate the chart's dashboards/moe-serve.json
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Awaitable, Callable
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from cluster.dashboard_data import summarize
-from cluster.metrics_gather import Family
+from cluster.observe.dashboard_data import summarize
+from cluster.observe.metrics_gather import Family
 
-CHART_DASHBOARD = Path(__file__).resolve().parent.parent / "helm" / "moe-serve" / "dashboards" / "moe-serve.json"
+CHART_DASHBOARD = Path(__file__).resolve().parents[2] / "helm" / "moe-serve" / "dashboards" / "moe-serve.json"
 RATE = "$__rate_interval"
 
 
@@ -234,7 +234,7 @@ def page_panels() -> dict[str, dict]:
 def add_dashboard_routes(app: FastAPI, gather: Gather, min_window_s: float = 1.0) -> None:
     """GET /dashboard (the page) and GET /dashboard/data (its figures, from `gather()`:
     the gathered families and the autoscaling policy's last report)."""
-    html = resources.files("cluster").joinpath("dashboard.html").read_text(encoding="utf-8")
+    html = resources.files("cluster.observe").joinpath("dashboard.html").read_text(encoding="utf-8")
     html = html.replace("/*PANELS*/{}", json.dumps(page_panels(), ensure_ascii=False))
     # Earlier gathers to take rates against: the newest at least `min_window_s` old, so that
     # pages polling at once from several tabs do not divide by a few milliseconds.
@@ -257,7 +257,7 @@ def add_dashboard_routes(app: FastAPI, gather: Gather, min_window_s: float = 1.0
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m cluster.dashboard", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m cluster.observe.dashboard", description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help=f"write {CHART_DASHBOARD.name} into the Helm chart")
     args = ap.parse_args(argv)
     if args.write:

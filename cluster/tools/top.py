@@ -14,8 +14,8 @@ from __future__ import annotations
 import sys
 import time
 
-from cluster import recording
-from cluster.recording import ROUTED, ScrapeError, Window
+from cluster.observe import recording
+from cluster.observe.recording import ROUTED, ScrapeError, Window
 
 SHADES = " .:-=+*#%@"
 CLEAR = "\x1b[H\x1b[2J"

@@ -5,7 +5,7 @@
 
 Each ExpertGroup replica runs an ExpertShard gRPC server on a free port and registers it
 with the endpoint directory; Attention replicas follow the directory. The deployment
-options (replicas, GPUs, resources) are bound in cluster/builder.py, nowhere else.
+options (replicas, GPUs, resources) are bound in cluster/serve/builder.py, nowhere else.
 """
 
 import asyncio
@@ -22,12 +22,12 @@ from attention_service.grpc_transport import GrpcTransport
 from attention_service.loader import load_attention_model
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
-from cluster import telemetry
-from cluster.app_config import TelemetrySpec
-from cluster.autoscale_policy import GROUP_PREFIX
-from cluster.checkpoint import Checkpoint, resolve_dtype
-from cluster.config import EngineConfig
-from cluster.directory import get_directory
+from cluster.observe import telemetry
+from cluster.serve.app_config import TelemetrySpec
+from cluster.serve.autoscale_policy import GROUP_PREFIX
+from mixtral.checkpoint import Checkpoint, resolve_dtype
+from attention_service.config import EngineConfig
+from cluster.serve.directory import get_directory
 from expert_service.server import serve as serve_shard
 from router.dispatch import Placement
 

@@ -2,9 +2,8 @@
 
 Shapes: N output features, Kin input features.
 
-It lives in `router` because both services import this package and it imports nothing
-else of ours (DESIGN section 2): the attention math and the expert math share it without
-importing each other.
+It lives in `mixtral`, below both services, so the attention math and the expert math
+share it without importing each other.
 """
 
 import torch

@@ -15,13 +15,14 @@ from ray.serve.handle import DeploymentHandle
 
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
-from cluster import grpc_api, metrics_gather, telemetry
-from cluster.app_config import TelemetrySpec
-from cluster.backend import Backend
-from cluster.dashboard import add_dashboard_routes
-from cluster.directory import get_directory
-from cluster.openai_api import add_openai_routes
-from cluster.request_telemetry import observed
+from cluster.api import grpc_api
+from cluster.observe import metrics_gather, telemetry
+from cluster.serve.app_config import TelemetrySpec
+from cluster.api.backend import Backend
+from cluster.observe.dashboard import add_dashboard_routes
+from cluster.serve.directory import get_directory
+from cluster.api.openai_api import add_openai_routes
+from cluster.api.request_telemetry import observed
 
 app = FastAPI(title="moe-serve")
 _replica: dict = {}

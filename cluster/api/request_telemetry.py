@@ -10,7 +10,7 @@ from typing import AsyncIterator, Callable
 
 from opentelemetry import trace
 
-from cluster import telemetry
+from cluster.observe import telemetry
 
 
 async def observed(open_stream: Callable[[dict], AsyncIterator[dict]], prompt_tokens: int, model: str

@@ -25,7 +25,7 @@ from mistral_common.tokens.tokenizers.base import SpecialTokens
 
 from attention_service.async_engine import Delta
 from attention_service.tokenizer import Tokenizer
-from cluster.backend import token_text, usage
+from cluster.api.backend import token_text, usage
 
 _CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
 _ALNUM = string.ascii_letters + string.digits

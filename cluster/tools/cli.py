@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from cluster.config import CACHE
+from mixtral.config import CACHE
 
 
 def _ids(text: str) -> list[int]:
@@ -20,8 +20,8 @@ def _ids(text: str) -> list[int]:
 
 def default_model() -> Path:
     """The embedded default: a tiny random-weight Mixtral with the real tokenizer, made on first use."""
-    from cluster.config import preset
-    from cluster.make_checkpoint import write_random_checkpoint
+    from mixtral.config import preset
+    from mixtral.random_checkpoint import write_random_checkpoint
 
     out = CACHE / "models" / "tiny"
     if not (out / "config.json").exists():
@@ -33,8 +33,8 @@ def default_model() -> Path:
 def cmd_make_checkpoint(a: argparse.Namespace) -> None:
     import torch
 
-    from cluster.config import preset
-    from cluster.make_checkpoint import write_random_checkpoint
+    from mixtral.config import preset
+    from mixtral.random_checkpoint import write_random_checkpoint
 
     out = write_random_checkpoint(preset(a.preset), Path(a.out), shards=a.shards, seed=a.seed,
                                   dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype],
@@ -43,7 +43,7 @@ def cmd_make_checkpoint(a: argparse.Namespace) -> None:
 
 
 def _engine_config(a: argparse.Namespace):
-    from cluster.config import EngineConfig
+    from attention_service.config import EngineConfig
 
     return EngineConfig(device=a.device, dtype=a.dtype, micro_batches=a.micro_batches)
 
@@ -82,7 +82,7 @@ def cmd_experts(a: argparse.Namespace) -> None:
     """Start G local expert shard processes and keep them up until interrupted."""
     import signal
 
-    from cluster.checkpoint import Checkpoint
+    from mixtral.checkpoint import Checkpoint
     from cluster.local import split_experts
     from expert_service.launcher import start_shards
 
@@ -115,9 +115,9 @@ def cmd_up(a: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from cluster import app_config
-    from cluster.builder import build_app, deploy, set_ray_env
-    from cluster.config import ConfigError
+    from cluster.serve import app_config
+    from cluster.serve.builder import build_app, deploy, set_ray_env
+    from mixtral.config import ConfigError
 
     try:
         cfg = app_config.load(a.config) if a.config else app_config.AppConfig()
@@ -276,9 +276,9 @@ def parser() -> argparse.ArgumentParser:
     engine_args(d)
     d.set_defaults(fn=cmd_demo)
 
-    from cluster import plan
+    from cluster.tools import plan
     plan.add_parser(sub)
-    from cluster import top, tune_cli
+    from cluster.tools import top, tune_cli
     top.add_parser(sub)
     tune_cli.add_parser(sub)
     return p

@@ -16,7 +16,9 @@ from typing import Any
 import msgspec
 import yaml
 
-from cluster.config import ConfigError, EngineConfig
+from mixtral.config import ConfigError
+
+from attention_service.config import EngineConfig
 
 
 class Resources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -20,7 +20,7 @@ from typing import AsyncIterator, Callable
 import grpc
 
 from attention_service.sampling_params import SamplingParams
-from cluster.backend import Backend, close_quietly, getter, open_stream, room_left
+from cluster.api.backend import Backend, close_quietly, getter, open_stream, room_left
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc
 

@@ -14,8 +14,8 @@ from typing import Iterable
 
 from prometheus_client.samples import Sample
 
-from cluster.autoscale_policy import ATTENTION, GROUP_PREFIX
-from cluster.metrics_gather import Family
+from cluster.serve.autoscale_policy import ATTENTION, GROUP_PREFIX
+from cluster.observe.metrics_gather import Family
 
 
 Index = dict[str, list[Sample]]          # series name (e.g. `..._bucket`) -> its samples

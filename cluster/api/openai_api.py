@@ -23,8 +23,8 @@ from starlette.background import BackgroundTask
 
 from attention_service.async_engine import Delta
 from attention_service.sampling_params import SamplingParams
-from cluster import chat
-from cluster.backend import Backend, close_quietly, getter, open_stream, room_left, token_text, usage
+from cluster.api import chat
+from cluster.api.backend import Backend, close_quietly, getter, open_stream, room_left, token_text, usage
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import re
 
 import msgspec
 
-from cluster.config import ModelConfig
+from mixtral.config import ModelConfig
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 GiB = 1 << 30
@@ -276,7 +276,7 @@ def cmd_plan(a) -> None:
 
     import yaml
 
-    from cluster.config import ConfigError, load_model_config, preset
+    from mixtral.config import ConfigError, load_model_config, preset
 
     try:
         mc = preset(a.preset) if a.preset else load_model_config(a.model)

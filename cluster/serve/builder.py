@@ -1,8 +1,8 @@
 """The one place the Serve application is assembled: every `serve.deployment(...).bind(...)`.
 
 The app is deployed the way Serve deploys a config file (`serve_config`): the import path
-`cluster.builder:app_builder` with our config as its args, and, with autoscaling on, the
-application-level policy `cluster.autoscale_policy:AppPolicy`, which sees every deployment
+`cluster.serve.builder:app_builder` with our config as its args, and, with autoscaling on, the
+application-level policy `cluster.serve.autoscale_policy:AppPolicy`, which sees every deployment
 at once (the routing load is reported by Attention but scales ExpertGroup-<g>). `moe-serve
 up` and the Helm chart's serveConfigV2 deploy the same thing.
 """
@@ -14,14 +14,14 @@ import msgspec
 from ray import serve
 from ray.serve import Application
 
-from cluster.app_config import AppConfig, Resources, group_scaling, resolve_groups
-from cluster.autoscale_policy import ATTENTION, GROUP_PREFIX
-from cluster.checkpoint import Checkpoint
-from cluster.deployments import Attention, ExpertGroup
-from cluster.frontend import Frontend
+from cluster.serve.app_config import AppConfig, Resources, group_scaling, resolve_groups
+from cluster.serve.autoscale_policy import ATTENTION, GROUP_PREFIX
+from mixtral.checkpoint import Checkpoint
+from cluster.serve.deployments import Attention, ExpertGroup
+from cluster.serve.frontend import Frontend
 
 GRPC_SERVICERS = ["protos.generation_pb2_grpc.add_GenerationServicer_to_server"]
-POLICY = "cluster.autoscale_policy:AppPolicy"
+POLICY = "cluster.serve.autoscale_policy:AppPolicy"
 # Serve's throughput settings (its performance guide's; Ray 2.60 still defaults to 1): user
 # code and handle routing on the replica's own event loop, not on threads of their own.
 # Every token crosses two streaming handles (Attention -> Frontend -> proxy), and each item
@@ -99,7 +99,7 @@ def serve_config(cfg: AppConfig, model: str) -> dict:
     """The Serve config (as `serve deploy` and KubeRay's serveConfigV2 take it) for this app."""
     args = msgspec.to_builtins(cfg)
     args["model"] = model
-    app = {"name": cfg.name, "route_prefix": "/", "import_path": "cluster.builder:app_builder", "args": args}
+    app = {"name": cfg.name, "route_prefix": "/", "import_path": "cluster.serve.builder:app_builder", "args": args}
     if cfg.autoscaling.enabled:
         app["autoscaling_policy"] = {"policy_function": POLICY, "policy_kwargs": {"config": args}}
     return {**serve_options(cfg), "applications": [app]}
@@ -129,10 +129,10 @@ def deploy(cfg: AppConfig, model: str, timeout_s: float = 300.0) -> None:
 
 
 def app_builder(args: dict) -> Application:
-    """Serve's config-file entry (`import_path: cluster.builder:app_builder`, as the Helm chart's
+    """Serve's config-file entry (`import_path: cluster.serve.builder:app_builder`, as the Helm chart's
     serveConfigV2 uses it): `args` is the same mapping the YAML config file holds."""
-    from cluster.app_config import decode
-    from cluster.cli import default_model
+    from cluster.serve.app_config import decode
+    from cluster.tools.cli import default_model
 
     cfg = decode(args, "serve application args")
     return build_app(cfg, cfg.model or str(default_model()))

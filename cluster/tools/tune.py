@@ -3,7 +3,7 @@
     moe-serve top --record load.jsonl            # or: tune --metrics http://host:8000
     moe-serve tune --metrics load.jsonl --utilization 0.7 --config app.yaml --out tuned.yaml
 
-The policy (cluster/autoscale_policy.py) asks for ceil(demand / target) replicas of a group,
+The policy (cluster/serve/autoscale_policy.py) asks for ceil(demand / target) replicas of a group,
 where demand is routed (token, expert) pairs/s. Every setting below is read off the
 recording so that this rule, run on the recorded load, does what an operator wants:
 
@@ -45,7 +45,7 @@ while it runs others, so its capacity is the median running count per replica ov
 intervals with requests waiting; target_requests = capacity × utilization and the other
 settings follow as for the groups. With no queueing seen, target_requests is kept.
 
-`propose` is a pure function of a Recording; the command line in cluster/tune_cli.py.
+`propose` is a pure function of a Recording; the command line in cluster/tools/tune_cli.py.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from cluster.app_config import AppConfig, AttentionScaling, GroupScaling
-from cluster.autoscale_policy import Rule, decide
-from cluster.recording import ROUTED, Recording
-from cluster.tune_series import Stats, burst_gaps, knee_load, rise_times, stats
+from cluster.serve.app_config import AppConfig, AttentionScaling, GroupScaling
+from cluster.serve.autoscale_policy import Rule, decide
+from cluster.observe.recording import ROUTED, Recording
+from cluster.tools.tune_series import Stats, burst_gaps, knee_load, rise_times, stats
 
 BUSY = "moe_serve_expert_busy_time_seconds_total"
 RPC = "moe_serve_expert_rpc_duration_seconds"

@@ -1,0 +1,1 @@
+"""Observability: telemetry providers and exporters, metrics gathering, dashboards, recordings."""

@@ -1,0 +1,1 @@
+"""The Ray Serve application: builder, deployments, endpoint directory, autoscaling policy, app config."""

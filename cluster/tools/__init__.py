@@ -1,0 +1,1 @@
+"""Operator tools: the moe-serve CLI, the placement planner, top and tune."""

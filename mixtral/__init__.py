@@ -1,0 +1,1 @@
+"""The Mixtral model both services share: config and presets, checkpoints in the Hugging Face layout, the matmul."""
