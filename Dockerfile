@@ -28,4 +28,4 @@ WORKDIR /home/ray
 # the head and runs replicas on other pods, so the model must sit at the same path in every
 # pod: it is made here, once, instead of on first use.
 ENV MOE_SERVE_CACHE=/home/ray/.cache/moe-serve
-RUN python -c "from cluster.tools.cli import default_model; print(default_model())"
+RUN python -c "from cluster.serve.app_config import default_model; print(default_model())"

@@ -19,12 +19,12 @@ from attention_service.sampling_params import SamplingParams, check_prompt
 from attention_service.scheduler import Scheduled, Scheduler
 from attention_service.sequence import Sequence
 from attention_service.transport import ExpertTransport
-from cluster.observe import telemetry
 from attention_service.config import EngineConfig
 from router.dispatch import Placement
 from router.routing_stats import RoutingStats
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
 
 _CPU_KV_BYTES = 512 * 2**20
 
@@ -43,8 +43,6 @@ class Engine:
         self.runner = ModelRunner(model, self.kv, transport, placement, cfg.micro_batches)
         self.routing = RoutingStats(placement.group_of)
         self.runner.on_route = self.routing.add
-        self.telemetry = telemetry.get()
-        self.telemetry.routing_sources.add(self.routing)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse, before any work, what cannot run: bad prompts, too long a context, too small a cache."""
@@ -79,7 +77,7 @@ class Engine:
         if not traced:
             return contextlib.nullcontext()
         links = [trace.Link(trace.get_current_span(c).get_span_context()) for c in traced[1:]]
-        return self.telemetry.tracer.start_as_current_span(
+        return _tracer.start_as_current_span(
             "moe_serve.engine.step", context=traced[0], links=links,
             attributes={"moe_serve.sequences": len(scheduled), "moe_serve.tokens": sum(s.num_tokens for s in scheduled)})
 

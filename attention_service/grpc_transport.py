@@ -21,14 +21,38 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
-from opentelemetry import trace
+from opentelemetry import metrics, propagate, trace
 
-from cluster.observe import telemetry
 from protos import codec, expert_pb2 as pb
 from protos.channel import FORWARD, INFO, channel_options
 from router.dispatch import GroupBatch, Placement
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
+
+# Expert RPCs are sub-millisecond on GPUs and tens of milliseconds on a busy CPU.
+RPC_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
+ROWS_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+@dataclass(frozen=True)
+class RpcInstruments:
+    """The per-RPC histograms, made on a meter (the process's, through the OpenTelemetry API)."""
+
+    duration: metrics.Histogram
+    rows: metrics.Histogram
+
+    @classmethod
+    def on(cls, meter: metrics.Meter) -> "RpcInstruments":
+        return cls(meter.create_histogram("moe_serve.expert.rpc.duration", "s",
+                                          "Expert Forward RPC round trip, per group and replica",
+                                          explicit_bucket_boundaries_advisory=RPC_BUCKETS),
+                   meter.create_histogram("moe_serve.expert.batch.rows", "{row}",
+                                          "Token rows per expert RPC, per group and replica",
+                                          explicit_bucket_boundaries_advisory=ROWS_BUCKETS))
+
+
+_rpc = RpcInstruments.on(metrics.get_meter(__name__))
 
 _REPLICA_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
                      grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
@@ -81,8 +105,6 @@ class GrpcTransport:
         self.replicas: list[list[Replica]] = [[Replica.open(a) for a in addrs] for addrs in groups]
         self.timeout, self.retry_after, self.min_rows = timeout, retry_after, min_rows_per_replica
         self.stats = WireStats()
-        self.telemetry = telemetry.get()
-        self.telemetry.wire_sources.add(self.stats)
         self._ids = itertools.count()
         # One rotation per (group, layer): with one shared counter, or one per group, the
         # RPCs of a step take turns in a fixed order, so with as many replicas as layers a
@@ -157,20 +179,22 @@ class GrpcTransport:
             st.per_group_bytes[(b.group, "sent")] += len(request)
             st.per_group_bytes[(b.group, "received")] += tensors["output"].numel() * tensors["output"].element_size()
             attrs = {"group": str(b.group), "replica": replica.address}
-            self.telemetry.rpc_duration.record(seconds, attrs)
-            self.telemetry.batch_rows.record(e - s, attrs)
+            _rpc.duration.record(seconds, attrs)
+            _rpc.rows.record(e - s, attrs)
             return tensors["output"]
 
     def _span(self, layer: int, group: int, rows: int, address: str):
         """A client span for the RPC and its context as gRPC metadata, when the step is traced."""
         if not trace.get_current_span().is_recording():
             return None, None
-        span = self.telemetry.tracer.start_span(
+        span = _tracer.start_span(
             "moe_serve.expert.forward", kind=trace.SpanKind.CLIENT,
             attributes={"moe_serve.layer": layer, "moe_serve.group": group, "moe_serve.rows": rows,
                         "rpc.system": "grpc", "server.address": address})
         with trace.use_span(span, end_on_exit=False):
-            return span, tuple(telemetry.inject().items())
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            return span, tuple(carrier.items())
 
     async def close(self) -> None:
         await asyncio.gather(*(r.channel.close() for rs in self.replicas for r in rs))

@@ -519,7 +519,7 @@ def main() -> int:
     if a.model:
         ckpt = Path(a.model)
     elif a.url:
-        from cluster.tools.cli import default_model
+        from cluster.serve.app_config import default_model
         ckpt = default_model()
     else:
         ckpt = common.checkpoint(a.preset)

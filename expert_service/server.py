@@ -25,9 +25,8 @@ from pathlib import Path
 
 import grpc
 import torch
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 
-from cluster.observe import telemetry
 from mixtral.checkpoint import Checkpoint, resolve_dtype
 from expert_service.experts import ExpertWeights
 from expert_service.loader import load_experts
@@ -36,6 +35,7 @@ from protos import codec
 from protos import expert_pb2 as pb
 
 log = logging.getLogger("moe-serve.expert")
+_tracer = trace.get_tracer(__name__)
 
 
 
@@ -80,8 +80,6 @@ class ExpertShardServicer:
         self.busy_seconds = 0.0          # compute time (see _cpu_busy), cumulative: the busy fraction is its rate
         self.pairs = 0                   # (token, expert) pairs computed, cumulative: the work done
         self.labels = {"group": shard_id, "replica": shard_id}     # serve() names the replica by address
-        self.telemetry = telemetry.get()
-        self.telemetry.busy_sources.add(self)
         self._idle = asyncio.Event()
         self._idle.set()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"experts-{shard_id}")
@@ -154,8 +152,8 @@ class ExpertShardServicer:
         metadata = context.invocation_metadata()
         if metadata and any(k == "traceparent" for k, _ in metadata):
             # The sender's step is traced: this batch's compute joins the request's trace.
-            with self.telemetry.tracer.start_as_current_span(
-                    "moe_serve.expert.compute", context=telemetry.extract(metadata), kind=trace.SpanKind.SERVER,
+            with _tracer.start_as_current_span(
+                    "moe_serve.expert.compute", context=propagate.extract(dict(metadata)), kind=trace.SpanKind.SERVER,
                     attributes={"moe_serve.layer": batch[0].layer, "moe_serve.rows": int(batch[1].shape[0]),
                                 "moe_serve.shard": self.shard_id}):
                 return await self._result(batch[0].batch_id, self._submit(batch), context)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from fastapi import FastAPI
 
-from attention_service.grpc_transport import WireStats
+from attention_service.grpc_transport import RpcInstruments, WireStats
 from cluster.api import request_telemetry
 from cluster.observe import dashboard, telemetry
 from cluster.observe.dashboard_data import histogram_quantile, summarize
@@ -52,6 +52,7 @@ class App:
         self.routing = RoutingStats(GROUP_OF)
         self.attention.routing_sources.add(self.routing)
         self.wire = WireStats()
+        self.rpc = RpcInstruments.on(self.attention.meter)
         self.attention.wire_sources.add(self.wire)
         self.busy = [Busy(g, f"10.0.0.{g}:{r}", 3.0 * g + r) for g in range(GROUPS) for r in range(2)]
         for b in self.busy:
@@ -66,8 +67,8 @@ class App:
         for i, s in enumerate(rpc_seconds):
             g = i % GROUPS
             attrs = {"group": str(g), "replica": f"10.0.0.{g}:{i % 2}"}
-            self.attention.rpc_duration.record(s, attrs)
-            self.attention.batch_rows.record(8 + i % 50, attrs)
+            self.rpc.duration.record(s, attrs)
+            self.rpc.rows.record(8 + i % 50, attrs)
             for d in ("sent", "received"):
                 self.wire.per_group_bytes[(g, d)] = self.wire.per_group_bytes.get((g, d), 0) + 1000 * (g + 1)
         mine = {"replica": "a"}

@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from attention_service.grpc_transport import RpcInstruments
 from cluster.observe import metrics_gather
 from cluster.serve import app_config
 from cluster.tools.cli import main
@@ -52,6 +53,7 @@ def simulate(seconds: float = 120, dt: float = 2.0, seed: int = 0) -> tuple[list
     att, exp = Telemetry("attention"), Telemetry("experts")
     routing = RoutingStats(torch.tensor([[e % 2 for e in range(EXPERTS)]] * LAYERS))
     att.routing_sources.add(routing)
+    rpc = RpcInstruments.on(att.meter)
     busy = {g: [Busy(g, r) for r in rs] for g, rs in REPLICAS.items()}
     for b in (b for bs in busy.values() for b in bs):
         exp.busy_sources.add(b)
@@ -74,8 +76,8 @@ def simulate(seconds: float = 120, dt: float = 2.0, seed: int = 0) -> tuple[list
             # RPCs slow down once a replica is past half busy: what tune reads without busy time.
             lat = 0.002 * (1 + max(0.0, demand / len(busy[g]) / CAPACITY[g] - 0.5) * 8)
             for r in REPLICAS[g]:
-                att.rpc_duration.record(lat, {"group": str(g), "replica": r})
-                att.batch_rows.record(64, {"group": str(g), "replica": r})
+                rpc.duration.record(lat, {"group": str(g), "replica": r})
+                rpc.rows.record(64, {"group": str(g), "replica": r})
             att.routed_rate.set(demand, {"group": str(g), **mine})
             att.replicas.set(len(REPLICAS[g]), {"group": str(g), "state": "current"})
             att.replicas.set(len(REPLICAS[g]) + (g == 0), {"group": str(g), "state": "target"})

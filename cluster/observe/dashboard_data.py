@@ -14,7 +14,7 @@ from typing import Iterable
 
 from prometheus_client.samples import Sample
 
-from cluster.serve.autoscale_policy import ATTENTION, GROUP_PREFIX
+from cluster.observe.names import ATTENTION, GROUP_PREFIX
 from cluster.observe.metrics_gather import Family
 
 

@@ -29,7 +29,6 @@ from cluster.observe.dashboard_data import histogram_quantile, increase
 
 Key = tuple[str, ...]
 # The routing load, as the front door's /metrics names it: what `top` and `tune` read most.
-ROUTED = "moe_serve_router_routed_tokens_total"
 
 
 class ScrapeError(RuntimeError):

@@ -4,6 +4,11 @@ Metrics go to a Prometheus registry served at /metrics (each attention and exper
 process on its own port, which the endpoint directory lists; the front door's /metrics
 gathers them all) and, when configured, to an OTLP collector with the traces.
 
+The services report through the OpenTelemetry API (spans, the expert RPC histograms)
+and through stats objects they own (routing counts, wire bytes, busy time), which the
+deployments register here and which are read only when /metrics is collected. `init`
+installs this process's providers as the API's global ones.
+
 Names follow the GenAI semantic conventions where they exist, with their bucket
 boundaries; the rest are ours, under `moe_serve.`. On /metrics a name reads with
 underscores, a unit suffix and `_total` on counters, e.g. `moe_serve_router_routed_tokens_total`.
@@ -19,8 +24,9 @@ import weakref
 from collections import Counter
 from typing import Callable, Iterable
 
+import msgspec
 import prometheus_client
-from opentelemetry import context as otel_context, propagate, trace
+from opentelemetry import context as otel_context, metrics, propagate, trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -29,6 +35,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
+from mixtral.config import ConfigError
+
 log = logging.getLogger("moe-serve.telemetry")
 
 # The GenAI conventions' advisory boundaries.
@@ -36,17 +44,28 @@ TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
 DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
 TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]
-# Expert RPCs are sub-millisecond on GPUs and tens of milliseconds on a busy CPU.
-RPC_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
-ROWS_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+class TelemetrySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Each attention and expert process serves Prometheus /metrics on this port (0: a free
+    # one, found through the endpoint directory); the front door's /metrics gathers them all.
+    metrics_port: int = 0
+    # OTLP/gRPC collector for metrics and traces, e.g. http://otel-collector:4317; unset: none.
+    otlp_endpoint: str | None = None
+    # Fraction of requests traced (parent-based: an expert RPC follows its request's choice).
+    trace_sample_ratio: float = 0.01
+    # Also write finished spans as JSON lines to <trace_dir>/spans-<pid>.jsonl (for debugging).
+    trace_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.trace_sample_ratio <= 1:
+            raise ConfigError(f"trace_sample_ratio must be in [0, 1], got {self.trace_sample_ratio}")
 
 
 class Telemetry:
     """This process's providers, instruments and /metrics server."""
 
     def __init__(self, service: str, spec=None):
-        from cluster.serve.app_config import TelemetrySpec
-
         spec = spec or TelemetrySpec()
         self.service, self.spec = service, spec
         resource = Resource.create({"service.name": f"moe-serve-{service}", "service.instance.id": str(os.getpid())})
@@ -84,13 +103,8 @@ class Telemetry:
                                               "Input and output tokens per request",
                                               explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
         self.requests = m.create_counter("moe_serve.requests", "{request}", "Requests by outcome")
-        # Attention side: what crosses the wire to each expert group and replica.
-        self.rpc_duration = m.create_histogram("moe_serve.expert.rpc.duration", "s",
-                                               "Expert Forward RPC round trip, per group and replica",
-                                               explicit_bucket_boundaries_advisory=RPC_BUCKETS)
-        self.batch_rows = m.create_histogram("moe_serve.expert.batch.rows", "{row}",
-                                             "Token rows per expert RPC, per group and replica",
-                                             explicit_bucket_boundaries_advisory=ROWS_BUCKETS)
+        # Attention side. The expert RPC histograms are the transport's own
+        # (attention_service.grpc_transport.RpcInstruments), made through the API.
         self.replicas = m.create_gauge("moe_serve.expert.replicas", "{replica}",
                                        "Expert group replicas: current (live, as attention sees them) and target")
         self.routed_rate = m.create_gauge("moe_serve.router.routed_tokens_rate", "{token}/s",
@@ -158,6 +172,10 @@ def init(service: str, spec=None) -> Telemetry:
     with _lock:
         if _current is None:
             _current = Telemetry(service, spec)
+            # The data path makes its spans and instruments through the OpenTelemetry API
+            # (get_tracer / get_meter); from here on they land on these providers.
+            trace.set_tracer_provider(_current.tracer_provider)
+            metrics.set_meter_provider(_current.meter_provider)
         return _current
 
 

@@ -10,15 +10,16 @@ A field that does not exist, or has the wrong type, is an error that names it (w
 path in the file); the same structs decode the Helm chart's serveConfigV2 arguments.
 """
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import yaml
 
-from mixtral.config import ConfigError
-
 from attention_service.config import EngineConfig
+from cluster.observe.telemetry import TelemetrySpec
+from mixtral.config import CACHE, ConfigError, preset
 
 
 class Resources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -93,22 +94,6 @@ class AutoscalingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # How often replicas report load to Serve's controller, and the window it averages over.
     metrics_interval_s: float = 1.0
     look_back_period_s: float = 5.0
-
-
-class TelemetrySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    # Each attention and expert process serves Prometheus /metrics on this port (0: a free
-    # one, found through the endpoint directory); the front door's /metrics gathers them all.
-    metrics_port: int = 0
-    # OTLP/gRPC collector for metrics and traces, e.g. http://otel-collector:4317; unset: none.
-    otlp_endpoint: str | None = None
-    # Fraction of requests traced (parent-based: an expert RPC follows its request's choice).
-    trace_sample_ratio: float = 0.01
-    # Also write finished spans as JSON lines to <trace_dir>/spans-<pid>.jsonl (for debugging).
-    trace_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.trace_sample_ratio <= 1:
-            raise ConfigError(f"trace_sample_ratio must be in [0, 1], got {self.trace_sample_ratio}")
 
 
 class AttentionSpec(Resources, frozen=True, forbid_unknown_fields=True):
@@ -189,3 +174,14 @@ def resolve_groups(cfg: AppConfig, num_experts: int) -> list[GroupSpec]:
     if not 1 <= cfg.groups <= num_experts:
         raise ConfigError(f"groups must be in [1, {num_experts}], got {cfg.groups}")
     return [GroupSpec(experts=list(range(g, num_experts, cfg.groups))) for g in range(cfg.groups)]
+
+
+def default_model() -> Path:
+    """The embedded default: a tiny random-weight Mixtral with the real tokenizer, made on first use."""
+    from mixtral.random_checkpoint import write_random_checkpoint
+
+    out = CACHE / "models" / "tiny"
+    if not (out / "config.json").exists():
+        logging.getLogger("moe-serve").info("making the default tiny checkpoint in %s", out)
+        write_random_checkpoint(preset("tiny"), out)
+    return out

@@ -24,10 +24,10 @@ import math
 import time
 from dataclasses import dataclass
 
+from cluster.observe.names import ATTENTION, GROUP_PREFIX
+
 log = logging.getLogger("ray.serve")
 
-ATTENTION = "Attention"
-GROUP_PREFIX = "ExpertGroup-"
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import msgspec
 from ray import serve
 from ray.serve import Application
 
-from cluster.serve.app_config import AppConfig, Resources, group_scaling, resolve_groups
-from cluster.serve.autoscale_policy import ATTENTION, GROUP_PREFIX
+from cluster.serve.app_config import AppConfig, Resources, decode, default_model, group_scaling, resolve_groups
+from cluster.observe.names import ATTENTION, FRONTEND, GROUP_PREFIX
 from mixtral.checkpoint import Checkpoint
 from cluster.serve.deployments import Attention, ExpertGroup
 from cluster.serve.frontend import Frontend
@@ -84,7 +84,7 @@ def build_app(cfg: AppConfig, model: str) -> Application:
     ).bind(model, msgspec.to_builtins(a.engine), [{"experts": s.experts, "layers": s.layers} for s in groups],
            directory, telemetry, experts)
     max_len = min(a.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-    return serve.deployment(Frontend, name="Frontend", num_replicas=1, max_ongoing_requests=1000,
+    return serve.deployment(Frontend, name=FRONTEND, num_replicas=1, max_ongoing_requests=1000,
                             ray_actor_options=_actor_options()).bind(
         attention, model, cfg.model_name or model.rstrip("/").split("/")[-1], max_len, directory, telemetry)
 
@@ -131,8 +131,5 @@ def deploy(cfg: AppConfig, model: str, timeout_s: float = 300.0) -> None:
 def app_builder(args: dict) -> Application:
     """Serve's config-file entry (`import_path: cluster.serve.builder:app_builder`, as the Helm chart's
     serveConfigV2 uses it): `args` is the same mapping the YAML config file holds."""
-    from cluster.serve.app_config import decode
-    from cluster.tools.cli import default_model
-
     cfg = decode(args, "serve application args")
     return build_app(cfg, cfg.model or str(default_model()))

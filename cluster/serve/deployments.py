@@ -23,8 +23,8 @@ from attention_service.loader import load_attention_model
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
 from cluster.observe import telemetry
-from cluster.serve.app_config import TelemetrySpec
-from cluster.serve.autoscale_policy import GROUP_PREFIX
+from cluster.observe.telemetry import TelemetrySpec
+from cluster.observe.names import GROUP_PREFIX
 from mixtral.checkpoint import Checkpoint, resolve_dtype
 from attention_service.config import EngineConfig
 from cluster.serve.directory import get_directory
@@ -66,6 +66,7 @@ class ExpertGroup:
                                              dtype=dtype, shard_id=f"g{group}", group=group)
         self.group, self.address = group, f"{host}:{port}"
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.telemetry.busy_sources.add(self.shard.servicer)
         self.busy = _Busy(self.shard.servicer)
         self.directory = get_directory(directory)
         await self._register()
@@ -126,6 +127,8 @@ class Attention:
         attention = load_attention_model(ckpt, resolve_dtype(cfg.dtype, ckpt, cfg.device), cfg.device)
         engine_ = Engine(attention, self.transport, placement, cfg, eos_id=mc.eos_token_id)
         self.engine = AsyncEngine(engine_, Tokenizer.from_checkpoint(ckpt))
+        self.telemetry.routing_sources.add(engine_.routing)
+        self.telemetry.wire_sources.add(self.transport.stats)
         self.stats: dict[str, float] = {}
         loop = asyncio.get_running_loop()
         self._follow = loop.create_task(self._follow_directory(version, len(groups)))

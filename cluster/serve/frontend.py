@@ -17,7 +17,7 @@ from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
 from cluster.api import grpc_api
 from cluster.observe import metrics_gather, telemetry
-from cluster.serve.app_config import TelemetrySpec
+from cluster.observe.telemetry import TelemetrySpec
 from cluster.api.backend import Backend
 from cluster.observe.dashboard import add_dashboard_routes
 from cluster.serve.directory import get_directory

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from mixtral.config import CACHE
+from cluster.serve.app_config import default_model
 
 
 def _ids(text: str) -> list[int]:
@@ -16,18 +16,6 @@ def _ids(text: str) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
-
-
-def default_model() -> Path:
-    """The embedded default: a tiny random-weight Mixtral with the real tokenizer, made on first use."""
-    from mixtral.config import preset
-    from mixtral.random_checkpoint import write_random_checkpoint
-
-    out = CACHE / "models" / "tiny"
-    if not (out / "config.json").exists():
-        logging.getLogger("moe-serve").info("making the default tiny checkpoint in %s", out)
-        write_random_checkpoint(preset("tiny"), out)
-    return out
 
 
 def cmd_make_checkpoint(a: argparse.Namespace) -> None:

@@ -15,7 +15,8 @@ import sys
 import time
 
 from cluster.observe import recording
-from cluster.observe.recording import ROUTED, ScrapeError, Window
+from cluster.observe.names import ROUTED
+from cluster.observe.recording import ScrapeError, Window
 
 SHADES = " .:-=+*#%@"
 CLEAR = "\x1b[H\x1b[2J"
