@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test bench protos clean browser
+.PHONY: setup serve test test-quick lint bench protos clean browser
 
 setup: $(STAMP)
 
@@ -26,11 +26,18 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium not installed: the dashboard page test will be skipped"
 
-test: $(STAMP) browser
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint browser
 	$(PY) -m pytest -q tests
 
+# Everything but the end-to-end tests that start a Ray cluster: the quick loop.
+test-quick: lint
+	$(PY) -m pytest -q -m "not e2e" tests
+
 bench: $(STAMP)
-	$(PY) bench/engine_vs_hf.py
+	$(PY) -m bench.engine_vs_hf
 
 protos: $(STAMP)
 	$(PY) -m protos.generate

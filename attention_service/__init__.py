@@ -1,1 +1,2 @@
-"""An attention shard: engine, scheduler, paged KV cache and attention, sampler, tokenizer, expert transports; runs without Ray."""
+"""An attention shard: engine, scheduler, paged KV cache and attention, sampler, tokenizer and
+the transports that reach the experts; runs without Ray."""

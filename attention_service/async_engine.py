@@ -14,6 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+import msgspec
+
 from attention_service.engine import Engine
 from attention_service.sampling_params import SamplingParams
 from attention_service.sequence import Sequence
@@ -22,9 +24,8 @@ from attention_service.tokenizer import IncrementalDecoder, Tokenizer
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Delta:
-    """What one request gained since the last delta."""
+class Delta(msgspec.Struct, frozen=True):
+    """What one request gained since the last delta; it crosses a Serve handle as it is."""
 
     token_ids: list[int]
     text: str
@@ -37,7 +38,8 @@ class Delta:
 
     def then(self, later: "Delta") -> "Delta":
         """This delta followed by a later one of the same request, as one."""
-        lps = None if self.logprobs is None and later.logprobs is None else (self.logprobs or []) + (later.logprobs or [])
+        lps = (None if self.logprobs is None and later.logprobs is None
+               else (self.logprobs or []) + (later.logprobs or []))
         return Delta(self.token_ids + later.token_ids, self.text + later.text, later.finish_reason, lps,
                      later.prompt_tokens, later.completion_tokens, later.error)
 
@@ -60,18 +62,26 @@ class AsyncEngine:
 
     @property
     def num_running(self) -> int:
-        return len(self.engine.scheduler.running)
+        return self.engine.num_running
 
     @property
     def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting)
+        return self.engine.num_waiting
+
+    @property
+    def kv_usage(self) -> float:
+        return self.engine.kv_usage
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, trace_context=None
                        ) -> AsyncIterator[Delta]:
-        """Stream one request's deltas; the last one carries finish_reason. Bad input raises ValueError."""
+        """Stream one request's deltas; the last one carries finish_reason. Bad input raises RequestError."""
         seq = self.engine.add(prompt_ids, params, trace_context)      # validates before any work
         req = _Request(seq, self.tokenizer.incremental(context=prompt_ids))
         self._requests[seq.seq_id] = req
@@ -90,7 +100,7 @@ class AsyncEngine:
         finally:
             self._requests.pop(seq.seq_id, None)
             if not seq.is_finished:
-                self.engine.cancel(seq)                # frees its blocks now
+                self.engine.finish(seq, "abort")       # frees its blocks now
 
     async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Delta:
         """The whole output at once, as one Delta."""
@@ -109,7 +119,7 @@ class AsyncEngine:
 
     async def _loop(self) -> None:
         while True:
-            if not self.engine.scheduler.has_work:
+            if not self.engine.has_work:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -137,7 +147,7 @@ class AsyncEngine:
         cut, hold = _stop_scan(text, p.stop)
         if cut is not None:
             text, finish = text[:cut], "stop"
-            self.engine.scheduler.finish(seq, "stop")
+            self.engine.finish(seq, "stop")
         elif finish is None and hold:
             text, req.held = text[:-hold], text[-hold:]
         else:
@@ -148,7 +158,7 @@ class AsyncEngine:
     def _fail_all(self, message: str) -> None:
         for req in list(self._requests.values()):
             if not req.seq.is_finished:
-                self.engine.scheduler.finish(req.seq, "error")
+                self.engine.finish(req.seq, "error")
                 req.queue.put_nowait(Delta([], "", "error", None, req.seq.num_prompt_tokens,
                                            req.seq.num_output, error=message))
 
@@ -156,7 +166,7 @@ class AsyncEngine:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self.engine.runner.transport.close()
+        await self.engine.close()
 
 
 def _stop_scan(text: str, stops: list[str]) -> tuple[int | None, int]:

@@ -178,7 +178,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         B, Lmax = b.mask.shape[0], b.mask.shape[-1]
         # Whole blocks (bs x KVH x Dh contiguous) at a time: index_select copies them faster
         # than slot by slot, and much faster than fancy indexing.
-        kb = k_cache.view(-1, bs, KVH, Dh).index_select(0, b.blocks).view(B, Lmax, KVH, Dh).transpose(1, 2)  # [B, KVH, Lmax, Dh]
+        # [B, KVH, Lmax, Dh]
+        kb = k_cache.view(-1, bs, KVH, Dh).index_select(0, b.blocks).view(B, Lmax, KVH, Dh).transpose(1, 2)
         vb = v_cache.view(-1, bs, KVH, Dh).index_select(0, b.blocks).view(B, Lmax, KVH, Dh).transpose(1, 2)
         # One token per sequence: the H/KVH query heads sharing a KV head are its "queries",
         # so K/V are never expanded to H heads.

@@ -12,6 +12,8 @@ import torch
 from opentelemetry import trace
 
 from attention_service.block_manager import BlockManager
+from attention_service.config import EngineConfig
+from attention_service.errors import RequestError
 from attention_service.kv_cache import KVCache
 from attention_service.model import AttentionModel
 from attention_service.model_runner import ModelRunner
@@ -19,7 +21,6 @@ from attention_service.sampling_params import SamplingParams, check_prompt
 from attention_service.scheduler import Scheduled, Scheduler
 from attention_service.sequence import Sequence
 from attention_service.transport import ExpertTransport
-from attention_service.config import EngineConfig
 from router.dispatch import Placement
 from router.routing_stats import RoutingStats
 
@@ -32,9 +33,9 @@ _CPU_KV_BYTES = 512 * 2**20
 class Engine:
     def __init__(self, model: AttentionModel, transport: ExpertTransport, placement: Placement,
                  cfg: EngineConfig = EngineConfig(), eos_id: int = 2):
-        self.model, self.cfg, self.eos_id = model, cfg, eos_id
+        self.model, self.cfg, self.eos_id, self.transport = model, cfg, eos_id, transport
         mc = model.cfg
-        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_model_len = cfg.max_model_len_for(mc)
         budget = cfg.kv_cache_bytes or _default_kv_budget(model.device, cfg.kv_cache_fraction)
         self.kv = KVCache.from_budget(budget, cfg.block_size, mc.num_hidden_layers, model.n_kv_heads,
                                       model.dim_head, model.dtype, model.device)
@@ -48,8 +49,8 @@ class Engine:
         """Refuse, before any work, what cannot run: bad prompts, too long a context, too small a cache."""
         positions = check_prompt(prompt_ids, params, self.model.cfg.vocab_size, self.max_model_len)
         if positions > self.blocks.capacity_tokens:
-            raise ValueError(f"prompt + max_tokens needs {positions} tokens of KV cache; it holds "
-                             f"{self.blocks.capacity_tokens}")
+            raise RequestError(f"prompt + max_tokens needs {positions} tokens of KV cache; it holds "
+                               f"{self.blocks.capacity_tokens}", "max_tokens")
 
     def add(self, prompt_ids: list[int], params: SamplingParams, trace_context=None) -> Sequence:
         """trace_context: the request's OpenTelemetry context, for the steps that serve it."""
@@ -61,8 +62,38 @@ class Engine:
         self.scheduler.add(seq)
         return seq
 
-    def cancel(self, seq: Sequence) -> None:
-        self.scheduler.finish(seq, "abort")
+    def finish(self, seq: Sequence, reason: str = "abort") -> None:
+        """End seq now (stopped, cancelled, failed) and give its blocks back."""
+        self.scheduler.finish(seq, reason)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV cache blocks in use."""
+        return self.blocks.usage
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    @property
+    def blocks_all_free(self) -> bool:
+        return self.blocks.num_free == self.blocks.num_blocks
+
+    async def close(self) -> None:
+        """Release the expert transport (its channels)."""
+        await self.transport.close()
 
     async def step(self) -> list[Sequence]:
         scheduled = self.scheduler.schedule()
@@ -79,12 +110,13 @@ class Engine:
         links = [trace.Link(trace.get_current_span(c).get_span_context()) for c in traced[1:]]
         return _tracer.start_as_current_span(
             "moe_serve.engine.step", context=traced[0], links=links,
-            attributes={"moe_serve.sequences": len(scheduled), "moe_serve.tokens": sum(s.num_tokens for s in scheduled)})
+            attributes={"moe_serve.sequences": len(scheduled),
+                        "moe_serve.tokens": sum(s.num_tokens for s in scheduled)})
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
         """Offline batch generation: run every prompt to completion."""
         seqs = [self.add(p, params) for p in prompts]
-        while self.scheduler.has_work:
+        while self.has_work:
             await self.step()
         return seqs
 

@@ -23,7 +23,8 @@ import grpc
 import torch
 from opentelemetry import metrics, propagate, trace
 
-from protos import codec, expert_pb2 as pb
+from protos import codec
+from protos import expert_pb2 as pb
 from protos.channel import FORWARD, INFO, channel_options
 from router.dispatch import GroupBatch, Placement
 
@@ -140,7 +141,8 @@ class GrpcTransport:
         outs = await asyncio.gather(*parts)
         return outs[0] if n == 1 else torch.cat(outs)
 
-    async def _slice(self, layer: int, y: torch.Tensor, b: GroupBatch, s: int, e: int, replica: Replica) -> torch.Tensor:
+    async def _slice(self, layer: int, y: torch.Tensor, b: GroupBatch, s: int, e: int,
+                     replica: Replica) -> torch.Tensor:
         request = codec.pack(pb.ExpertBatch(batch_id=next(self._ids), layer=layer),
                              hidden=y[b.rows[s:e]], expert_ids=b.expert_ids[s:e], weights=b.weights[s:e])
         tried = []

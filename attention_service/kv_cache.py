@@ -31,5 +31,6 @@ class KVCache:
             raise ValueError(f"KV cache budget {budget_bytes} B holds no block of {block_size} tokens "
                              f"({per_token} B per token)")
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d B per token)",
-                 num_blocks, block_size, num_blocks * block_size, num_blocks * block_size * per_token / 2**20, per_token)
+                 num_blocks, block_size, num_blocks * block_size, num_blocks * block_size * per_token / 2**20,
+                 per_token)
         return cls(num_layers, num_blocks, block_size, n_kv_heads, dim_head, dtype, device)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from attention_service.attention import AttentionMetadata, paged_attention
+
 # The matmul helpers the expert math uses too: fp32 weights on CPU go to oneDNN (see pack_linear).
 from mixtral.linear import linear, pack_linear
 

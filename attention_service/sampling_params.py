@@ -4,6 +4,8 @@ import math
 
 import msgspec
 
+from attention_service.errors import RequestError
+
 
 class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_tokens: int = 16
@@ -23,19 +25,19 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+                raise RequestError(f"{name} must be a finite number, got {getattr(self, name)}", name)
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be >= -1 (-1 or 0 disables it), got {self.top_k}")
+            raise RequestError(f"top_k must be >= -1 (-1 or 0 disables it), got {self.top_k}", "top_k")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+            raise RequestError(f"logprobs must be in [0, 20], got {self.logprobs}", "logprobs")
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+            raise RequestError("stop strings must not be empty", "stop")
 
     @property
     def greedy(self) -> bool:
@@ -49,12 +51,13 @@ def check_prompt(prompt_ids: list[int], params: SamplingParams, vocab_size: int,
     sampled from the positions before it: a prompt of the full context still yields a token.
     """
     if not prompt_ids:
-        raise ValueError("prompt is empty")
+        raise RequestError("prompt is empty", "prompt")
     bad = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+        raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab_size})", "prompt")
     positions = len(prompt_ids) + params.max_tokens - 1
     if positions > max_model_len:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
-                         f"{positions} positions; the model's context is {max_model_len} tokens")
+        raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
+                           f"{positions} positions; the model's context is {max_model_len} tokens",
+                           "prompt", "context_length_exceeded")
     return positions

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from attention_service.block_manager import BlockManager
+from attention_service.errors import RequestError
 from attention_service.sequence import Sequence, Status
 
 
@@ -49,8 +50,8 @@ class Scheduler:
         # The last sampled token is never fed back, so it needs no slot.
         most = seq.num_prompt_tokens + seq.params.max_tokens - 1
         if most > self.blocks.capacity_tokens:
-            raise ValueError(f"{seq.num_prompt_tokens} prompt tokens + max_tokens {seq.params.max_tokens} "
-                             f"cannot fit in the KV cache ({self.blocks.capacity_tokens} token slots)")
+            raise RequestError(f"{seq.num_prompt_tokens} prompt tokens + max_tokens {seq.params.max_tokens} "
+                               f"cannot fit in the KV cache ({self.blocks.capacity_tokens} token slots)", "max_tokens")
         self.waiting.append(seq)
 
     @property
@@ -105,7 +106,8 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, scheduled: list[Scheduled], sampled: list[int | Failed | None], eos_id: int) -> list[Sequence]:
+    def postprocess(self, scheduled: list[Scheduled], sampled: list[int | Failed | None],
+                    eos_id: int) -> list[Sequence]:
         """Record a step's work and new tokens; returns the sequences that got a token or failed."""
         touched = []
         for s, tok in zip(scheduled, sampled):

@@ -23,7 +23,9 @@ class Sequence:
         self.params = params
         # Unseeded requests still get a seed of their own: sampling is then a pure function
         # of (seed, tokens generated so far), so preemption and recompute change nothing.
-        self.seed = params.seed if params.seed is not None else (seed if seed is not None else hash((self.seq_id, time.time_ns())))
+        if seed is None:
+            seed = hash((self.seq_id, time.time_ns()))
+        self.seed = params.seed if params.seed is not None else seed
         self.num_computed = 0            # tokens whose K/V are in the cache
         self.block_table: list[int] = []
         self.status = Status.WAITING

@@ -1,6 +1,6 @@
 """Autoscaling under a skewed routing load, on the live app.
 
-    .venv/bin/python bench/autoscale.py            # about 3 minutes on 2 CPU cores
+    .venv/bin/python -m bench.autoscale            # about 3 minutes on 2 CPU cores
 
 The checkpoint's routers favour experts 0, 2, 4, 6 (`make-checkpoint --favour-experts`),
 so most routed pairs go to group 0 of two round-robin groups. The app runs as `moe-serve
@@ -15,7 +15,8 @@ Figures (one line each):
   carries one or two of a group's experts, so rows would not do), over the replicas serving
   at the end of the window. Rows/s and busy fraction per replica are printed beside it
   (on the tiny model a batch's compute is mostly fixed cost, so busy time follows the
-  number of RPCs more than the work in them). "Before" is a window after the load starts and before the policy may act (its
+  number of RPCs more than the work in them). "Before" is a window after the load starts and before the
+  policy may act (its
   upscale delay); "after" is a window once the replica counts have been steady for a while.
   Target after: <= 1.25.
 - time from the load change to the policy's decision (target gauge), to the new replica
@@ -37,12 +38,9 @@ import asyncio  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from serve_load import Record, http_request, pct  # noqa: E402
-
+from bench import common  # noqa: E402
+from bench.app_load import Record, http_request, pct  # noqa: E402
 from cluster.observe.metrics_gather import parse, samples  # noqa: E402
 
 TARGET_IMBALANCE = 1.25
@@ -191,15 +189,15 @@ def main() -> int:
     a = parse_args()
     import openai
     import ray
+    from ray import serve
 
+    from attention_service.config import EngineConfig
     from attention_service.sampling_params import SamplingParams
+    from cluster.local import build_engine
     from cluster.serve import app_config
     from cluster.serve.builder import deploy
     from mixtral.config import preset
-    from attention_service.config import EngineConfig
-    from cluster.local import build_engine
     from mixtral.random_checkpoint import write_random_checkpoint
-    from ray import serve
 
     t_start = time.perf_counter()
     ckpt = common.CACHE_DIR / f"tiny-favour-{a.favour}"

@@ -14,7 +14,6 @@ import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -22,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from cluster.tools import tune_series
+
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:          # run as `python bench/x.py` from anywhere
-    sys.path.insert(0, str(REPO))
 
 OUT_DIR = REPO / "bench" / "out"
 CACHE_DIR = Path(os.environ.get("MOE_SERVE_BENCH_CACHE", Path.home() / ".cache" / "moe-serve" / "bench"))
@@ -172,13 +171,7 @@ def median_wall(samples: list[Sample]) -> tuple[float, int, bool]:
 
 def percentile(xs, q: float) -> float:
     """The q-th percentile (0-100) of xs, linear between closest ranks; nan if xs is empty."""
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    return tune_series.percentile(list(xs), q, empty=float("nan"))
 
 
 class Runner:
@@ -249,7 +242,9 @@ def announce_machine(bench: str) -> dict:
 def write_json(name: str, data: dict) -> Path:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     path = OUT_DIR / name
-    path.write_text(json.dumps(data, indent=2, default=lambda o: o.as_dict() if isinstance(o, Sample) else str(o)) + "\n")
+    def encode(o):
+        return o.as_dict() if isinstance(o, Sample) else str(o)
+    path.write_text(json.dumps(data, indent=2, default=encode) + "\n")
     return path
 
 

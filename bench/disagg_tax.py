@@ -49,9 +49,9 @@ Correctness check
     Prints a CHECK line; exits 1 otherwise.
 
 Run
-    .venv/bin/python bench/disagg_tax.py            # the full run, about 4-5 minutes on 2 cores
-    .venv/bin/python bench/disagg_tax.py --quick    # smoke run, well under a minute
-    .venv/bin/python bench/disagg_tax.py --help
+    .venv/bin/python -m bench.disagg_tax            # the full run, about 4-5 minutes on 2 cores
+    .venv/bin/python -m bench.disagg_tax --quick    # smoke run, well under a minute
+    .venv/bin/python -m bench.disagg_tax --help
 """
 
 from __future__ import annotations
@@ -65,18 +65,17 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (also puts the repo root on sys.path)
 
 import torch  # noqa: E402
 
-from attention_service.sampling_params import SamplingParams  # noqa: E402
-from mixtral.config import load_model_config  # noqa: E402
 from attention_service.config import EngineConfig  # noqa: E402
-from cluster.local import build_engine, connect_engine, split_experts  # noqa: E402
+from attention_service.loader import connect_engine  # noqa: E402
+from attention_service.sampling_params import SamplingParams  # noqa: E402
+from bench import common  # noqa: E402
+from cluster.local import build_engine  # noqa: E402
 from expert_service.launcher import start_shards, stop_shards  # noqa: E402
+from mixtral.config import load_model_config  # noqa: E402
+from router.dispatch import split_experts  # noqa: E402
 
 TARGET_RATIO = 0.8
 TARGET_WIRE = 1.05
@@ -97,7 +96,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-len", type=int, help=f"longest prompt (default {FULL['max_len']})")
     ap.add_argument("--new-tokens", type=int, help=f"tokens generated per prompt (default {FULL['new_tokens']})")
     ap.add_argument("--repeats", type=int, help=f"timed runs of each setting (default {FULL['repeats']})")
-    ap.add_argument("--micro-batches", help=f"micro_batches values for the gRPC engine (default {FULL['micro_batches']})")
+    ap.add_argument("--micro-batches",
+                    help=f"micro_batches values for the gRPC engine (default {FULL['micro_batches']})")
     ap.add_argument("--attn-threads", help=f"torch threads of the attention process with gRPC experts "
                                            f"(default {FULL['attn_threads']})")
     ap.add_argument("--mbt", type=int, default=2048, help="engine max_batched_tokens, both sides (default 2048)")
@@ -195,7 +195,7 @@ class Counters:
         self.compute_s = 0.0
         self.shard_pairs = 0
         engine.runner.on_route = self._route
-        transport = engine.runner.transport
+        transport = engine.transport
         if hasattr(transport, "replicas"):
             for replicas in transport.replicas:
                 for r in replicas:
@@ -224,7 +224,7 @@ class Counters:
         return call
 
     def snapshot(self, engine) -> dict:
-        st = getattr(engine.runner.transport, "stats", None)
+        st = getattr(engine.transport, "stats", None)
         d = {"tokens": self.tokens, "pairs": self.pairs, "compute_s": self.compute_s, "shard_pairs": self.shard_pairs}
         if st is not None:
             d.update(rpcs=st.rpcs, rows=st.rows, bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
@@ -300,7 +300,7 @@ def isolated_rpcs(loop, side: Side, hidden: int, rows: int, calls: int, fanout: 
         ids[::13, 1] = experts[(torch.arange(rows)[::13] + 1) % len(experts)]
         w = torch.where(ids >= 0, 0.5, 0.0)
         batches.append(GroupBatch(grp, torch.arange(grp * rows, (grp + 1) * rows), ids, w))
-    t = eng.runner.transport
+    t = eng.transport
 
     async def go():
         for _ in range(5):
@@ -427,20 +427,24 @@ def main() -> int:
         # --- CPU: where the tax goes ------------------------------------------------------
         per_k = 1000 / out_tokens
         print(f"disagg_tax cpu_s_per_1k_tokens {inproc.name}: total={ip['attention_cpu_s'] * per_k:.2f} "
-              f"(expert calls {ip['shard_compute_s'] * per_k:.2f} wall-s of it; run wall {ip['median_s'] * per_k:.2f} s "
+              f"(expert calls {ip['shard_compute_s'] * per_k:.2f} wall-s of it; "
+              f"run wall {ip['median_s'] * per_k:.2f} s "
               f"on {machine['cores']} cores)")
         for m, s in best.items():
             f = figs[s.name]
             print(f"disagg_tax cpu_s_per_1k_tokens gRPC M={m} attn_threads={s.threads}: total="
-                  f"{(f['attention_cpu_s'] + f['shard_cpu_s']) * per_k:.2f} = attention {f['attention_cpu_s'] * per_k:.2f}"
+                  f"{(f['attention_cpu_s'] + f['shard_cpu_s']) * per_k:.2f} = "
+                  f"attention {f['attention_cpu_s'] * per_k:.2f}"
                   f" + shards {f['shard_cpu_s'] * per_k:.2f} (expert compute {f['shard_compute_s'] * per_k:.2f} wall-s "
                   f"summed over the shards' own timings; run wall {f['median_s'] * per_k:.2f} s)")
         for m, s in best.items():
             r = last_clean_run(s)
             d = r["decode"]
-            print(f"disagg_tax decode_rpc gRPC M={m} attn_threads={s.threads}: rows_per_rpc={d['rows'] / d['rpcs']:.1f} "
+            print(f"disagg_tax decode_rpc gRPC M={m} attn_threads={s.threads}: "
+                  f"rows_per_rpc={d['rows'] / d['rpcs']:.1f} "
                   f"shard_compute_per_rpc_ms={d['compute_s'] / d['rpcs'] * 1e3:.2f} rpcs_per_step="
-                  f"{d['rpcs'] / max(1, r['decode_steps']):.1f} (each RPC reads its shard's expert weights once: compute "
+                  f"{d['rpcs'] / max(1, r['decode_steps']):.1f} "
+                  f"(each RPC reads its shard's expert weights once: compute "
                   f"hardly shrinks with the rows)")
 
         # --- wire -----------------------------------------------------------------------
@@ -479,12 +483,14 @@ def main() -> int:
         iso1, iso1_c = isolated_rpcs(loop, ref, mc.hidden_size, rows, a.echo_calls, 1)
         isoN, isoN_c = isolated_rpcs(loop, ref, mc.hidden_size, rows, max(1, a.echo_calls // SHARDS), SHARDS)
         fan = SHARDS * ref.m
-        print(f"disagg_tax rpc_mean_ms decode={rpc_ms:.2f} (gRPC M={ref.m} attn_threads={ref.threads}, {d['rpcs']} RPCs, "
+        print(f"disagg_tax rpc_mean_ms decode={rpc_ms:.2f} (gRPC M={ref.m} attn_threads={ref.threads}, "
+              f"{d['rpcs']} RPCs, "
               f"request {size / 1024:.1f} KiB, up to {fan} in flight; shard compute {comp_ms:.2f} ms of it)")
         print(f"disagg_tax echo_ms size={size / 1024:.1f}KiB one_in_flight={e1:.2f} {SHARDS}_in_flight={eN:.2f} "
               f"-> rpc - echo({SHARDS}) - compute = {rpc_ms - eN - comp_ms:.2f} ms per RPC (our code + CPU queueing)")
         print(f"disagg_tax rpc_alone_ms rows={rows}: one_in_flight={iso1 * 1e3:.2f} (shard compute {iso1_c * 1e3:.2f}, "
-              f"echo {e1:.2f} -> our code {(iso1 - iso1_c) * 1e3 - e1:.2f} ms per RPC) {SHARDS}_in_flight={isoN * 1e3:.2f} "
+              f"echo {e1:.2f} -> our code {(iso1 - iso1_c) * 1e3 - e1:.2f} ms per RPC) "
+              f"{SHARDS}_in_flight={isoN * 1e3:.2f} "
               f"(shard compute {isoN_c * 1e3:.2f}, echo {eN:.2f} -> the rest {(isoN - isoN_c) * 1e3 - eN:.2f} ms); "
               f"nothing else running, synthetic rows")
         print(f"disagg_tax rpc_mean_ms whole_run={rpc_all_ms:.2f} (request {size_all / 1024:.1f} KiB mean, shard "
@@ -493,8 +499,8 @@ def main() -> int:
         # --- check ----------------------------------------------------------------------
         lengths_ok = all(len(o) == n for s in sides for o in (s.outputs or [None]) if o is not None) and \
             all(s.outputs is not None for s in sides)
-        blocks_ok = all(s.engine.blocks.num_free == s.engine.blocks.num_blocks for s in sides)
-        failovers = sum(s.engine.runner.transport.stats.failovers for s in sides if s.grpc)
+        blocks_ok = all(s.engine.blocks_all_free for s in sides)
+        failovers = sum(s.engine.transport.stats.failovers for s in sides if s.grpc)
         per_side = {s.name: sum(x == y for x, y in zip(s.outputs or [], inproc.outputs or [])) for s in sides if s.grpc}
         ok = lengths_ok and blocks_ok and failovers == 0 and all(v == len(prompts) for v in per_side.values())
         print(f"CHECK {'OK' if ok else 'FAIL'}: gRPC vs in-process, exact ids per prompt: "
@@ -525,7 +531,8 @@ def main() -> int:
             "wire": {"from": ref.name, "request_bytes_per_row": per_row, "request_bytes_per_pair": per_pair,
                      "reply_bytes_per_row": reply_row, "minimum": minimum, "ratio": wire_ratio,
                      "target": TARGET_WIRE, **w},
-            "rpc": {"from": ref.name, "decode_mean_ms": rpc_ms, "decode_compute_ms": comp_ms, "decode_request_bytes": size,
+            "rpc": {"from": ref.name, "decode_mean_ms": rpc_ms, "decode_compute_ms": comp_ms,
+                    "decode_request_bytes": size,
                     "echo_one_in_flight_ms": e1, f"echo_{SHARDS}_in_flight_ms": eN, "whole_run_mean_ms": rpc_all_ms,
                     "whole_run_request_bytes": size_all, "echo_whole_run_size_ms": e1_all,
                     "alone": {"rows": rows, "one_in_flight_ms": iso1 * 1e3, "one_in_flight_compute_ms": iso1_c * 1e3,
@@ -539,7 +546,7 @@ def main() -> int:
     finally:
         for s in sides:
             if s.grpc:
-                loop.run_until_complete(s.engine.runner.transport.close())
+                loop.run_until_complete(s.engine.close())
         for p, _ in echo:
             p.terminate()
         for p, _ in echo:

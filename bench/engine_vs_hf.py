@@ -36,9 +36,9 @@ Correctness check
     real mismatch.
 
 Run
-    .venv/bin/python bench/engine_vs_hf.py            # the full run, a few minutes on 2 cores
-    .venv/bin/python bench/engine_vs_hf.py --quick    # smoke run, seconds
-    .venv/bin/python bench/engine_vs_hf.py --help     # workload, settings and sweep flags
+    .venv/bin/python -m bench.engine_vs_hf            # the full run, a few minutes on 2 cores
+    .venv/bin/python -m bench.engine_vs_hf --quick    # smoke run, seconds
+    .venv/bin/python -m bench.engine_vs_hf --help     # workload, settings and sweep flags
 
 The checkpoint is written once to ~/.cache/moe-serve/bench/bench-ckpt ($MOE_SERVE_BENCH_CACHE).
 """
@@ -51,17 +51,12 @@ import logging
 import sys
 import time
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (also puts the repo root on sys.path)
-
-import torch  # noqa: E402
-
-from attention_service.sampling_params import SamplingParams  # noqa: E402
-from mixtral.config import load_model_config  # noqa: E402
 from attention_service.config import EngineConfig  # noqa: E402
+from attention_service.sampling_params import SamplingParams  # noqa: E402
+from bench import common  # noqa: E402
 from cluster.local import build_engine  # noqa: E402
+from mixtral.config import load_model_config  # noqa: E402
 
 TARGET_RATIO = 1.5
 QUICK = dict(prompts=4, min_len=16, max_len=64, new_tokens=8, repeats=1, mbt="2048", hf="eager:4")
@@ -77,7 +72,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--min-len", type=int, help=f"shortest prompt (default {FULL['min_len']})")
     ap.add_argument("--max-len", type=int, help=f"longest prompt (default {FULL['max_len']})")
     ap.add_argument("--new-tokens", type=int, help=f"tokens generated per prompt (default {FULL['new_tokens']})")
-    ap.add_argument("--repeats", type=int, help=f"timed runs of each engine setting and of HF's best config (default {FULL['repeats']})")
+    ap.add_argument("--repeats", type=int,
+                    help=f"timed runs of each engine setting and of HF's best config (default {FULL['repeats']})")
     ap.add_argument("--mbt", help=f"engine max_batched_tokens values to try (default {FULL['mbt']})")
     ap.add_argument("--hf", help=f"HF experts_impl:batch_size pairs to try (default {FULL['hf']})")
     ap.add_argument("--seed", type=int, default=0, help="prompt RNG seed")
@@ -150,10 +146,10 @@ def engine_generate(engine, prompts: list[list[int]], n: int, abort=None) -> lis
 
     async def go():
         seqs = [engine.add(p, params) for p in prompts]
-        while engine.scheduler.has_work:
+        while engine.has_work:
             if abort is not None and abort.is_set():
                 for s in seqs:
-                    engine.cancel(s)
+                    engine.finish(s)
                 raise common.Aborted
             await engine.step()
         return seqs
@@ -254,7 +250,7 @@ def main() -> int:
 
     eng = engines[best_mbt]
     lengths_ok = all(len(o) == n for outs in [*eng_out.values(), *hf_out.values()] for o in outs)
-    blocks_ok = all(e.blocks.num_free == e.blocks.num_blocks for e in engines.values())
+    blocks_ok = all(e.blocks_all_free for e in engines.values())
     ours_f, hf_f = figure(eng_samples[best_mbt], out_tokens), figure(hf_samples[best_hf], out_tokens)
     ratio = ours_f["tokens_per_s"] / hf_f["tokens_per_s"]
     alone: dict[int, list[int]] = {}

@@ -3,7 +3,7 @@ row and KV-block gathers, everything else.
 
     with op_profile.profiler() as prof:
         run()
-    for line in op_profile.lines("serving_load profile", op_profile.breakdown(prof, wall_s)):
+    for line in op_profile.lines("engine_load profile", op_profile.breakdown(prof, wall_s)):
         print(line)
 
 Self times are summed per op, so nothing is counted twice; an attention call's own

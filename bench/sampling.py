@@ -13,7 +13,7 @@ What it measures
     this machine's 2 cores (docs/benchmarks.md).
 
 Run
-    .venv/bin/python bench/sampling.py            # a few seconds
+    .venv/bin/python -m bench.sampling            # a few seconds
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (also puts the repo root on sys.path)
 
 import torch  # noqa: E402
 
 from attention_service.sampler import _TOP_P_CANDIDATES, sample  # noqa: E402
 from attention_service.sampling_params import SamplingParams  # noqa: E402
+from bench import common  # noqa: E402
 
 # Random logits are flatter than a trained model's: "peaked" stands in for those (its top-p
 # 0.9 cut lies within the first candidates), "flat" is the worst case (it does not).

@@ -1,1 +1,2 @@
-"""An expert shard: its experts' weights, the SwiGLU math, the ExpertShard gRPC server and a launcher; runs without Ray."""
+"""An expert shard: its experts' weights, the SwiGLU math, the ExpertShard gRPC server and a
+launcher; runs without Ray."""

@@ -2,8 +2,8 @@
 
 import torch
 
-from mixtral.checkpoint import Checkpoint, expert_tensor_names
 from expert_service.experts import ExpertWeights
+from mixtral.checkpoint import Checkpoint, expert_tensor_names
 
 
 def load_experts(ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype, device: str = "cpu",

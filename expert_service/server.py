@@ -27,12 +27,13 @@ import grpc
 import torch
 from opentelemetry import propagate, trace
 
-from mixtral.checkpoint import Checkpoint, resolve_dtype
 from expert_service.experts import ExpertWeights
 from expert_service.loader import load_experts
-from protos.channel import DEFAULT_MAX_MESSAGE_BYTES, FORWARD, FORWARD_STREAM, SERVICE, channel_options  # noqa: F401
+from mixtral.checkpoint import Checkpoint, resolve_dtype
 from protos import codec
 from protos import expert_pb2 as pb
+from protos.channel import DEFAULT_MAX_MESSAGE_BYTES, FORWARD, FORWARD_STREAM, SERVICE, channel_options  # noqa: F401
+from router.dispatch import group_pairs
 
 log = logging.getLogger("moe-serve.expert")
 _tracer = trace.get_tracer(__name__)
@@ -143,6 +144,18 @@ class ExpertShardServicer:
         if self.inflight == 0:
             self._idle.set()
 
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no batch is in flight; False if some still are after timeout seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def close(self) -> None:
+        """Stop the compute thread once its current batch is done."""
+        self._pool.shutdown(wait=False)
+
     # --- RPCs ----------------------------------------------------------------------------
     async def Forward(self, request, context: grpc.aio.ServicerContext) -> bytes:
         try:
@@ -238,17 +251,15 @@ class ShardServer:
         calls and gives open ones another grace seconds before cancelling them."""
         self.servicer.draining = True
         log.info("draining %s (%d batches in flight)", self.address, self.servicer.inflight)
-        try:
-            await asyncio.wait_for(self.servicer._idle.wait(), grace)
-        except asyncio.TimeoutError:
+        if not await self.servicer.wait_idle(grace):
             log.warning("%d batches still in flight after %.1fs; stopping anyway", self.servicer.inflight, grace)
         await self.server.stop(grace)
-        self.servicer._pool.shutdown(wait=False)
+        self.servicer.close()
         log.info("stopped %s", self.address)
 
     async def stop(self, grace: float | None = None) -> None:
         await self.server.stop(grace)
-        self.servicer._pool.shutdown(wait=False)
+        self.servicer.close()
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
@@ -274,7 +285,7 @@ async def serve(model_dir: str | Path, experts: list[int], layers: list[int] | N
         raise ValueError("a shard must hold at least one expert")
     experts = sorted(set(experts))
     layers = None if layers is None else sorted(set(layers))
-    pairs = [(l, e) for l in (range(cfg.num_hidden_layers) if layers is None else layers) for e in experts]
+    pairs = group_pairs(experts, layers, cfg.num_hidden_layers)
     torch_dtype = resolve_dtype(dtype, ckpt, device)
     weights = await asyncio.to_thread(load_experts, ckpt, pairs, torch_dtype, device)
     shard_id = shard_id or "experts-" + "-".join(map(str, experts))

@@ -13,6 +13,18 @@ from dataclasses import dataclass
 import torch
 
 
+def split_experts(num_experts: int, groups: int) -> list[list[int]]:
+    """Whole experts dealt round-robin into `groups` groups: 8 into 2 gives {0,2,4,6}, {1,3,5,7}."""
+    if not 1 <= groups <= num_experts:
+        raise ValueError(f"groups must be in [1, {num_experts}], got {groups}")
+    return [list(range(g, num_experts, groups)) for g in range(groups)]
+
+
+def group_pairs(experts: list[int], layers: list[int] | None, num_layers: int) -> list[tuple[int, int]]:
+    """The (layer, expert) pairs a group of `experts` holds in `layers` (None: every layer)."""
+    return [(layer, e) for layer in (range(num_layers) if layers is None else layers) for e in experts]
+
+
 @dataclass(frozen=True)
 class Placement:
     """group_of [L, E]: the expert group that serves (layer, expert); every pair has one."""
@@ -25,7 +37,8 @@ class Placement:
         for g, pairs in enumerate(groups):
             for layer, expert in pairs:
                 if group_of[layer, expert] >= 0:
-                    raise ValueError(f"(layer {layer}, expert {expert}) is in groups {int(group_of[layer, expert])} and {g}")
+                    raise ValueError(f"(layer {layer}, expert {expert}) is in groups "
+                                     f"{int(group_of[layer, expert])} and {g}")
                 group_of[layer, expert] = g
         missing = (group_of < 0).nonzero().tolist()
         if missing:
@@ -35,8 +48,7 @@ class Placement:
     @classmethod
     def by_expert(cls, expert_groups: list[list[int]], num_layers: int, num_experts: int) -> "Placement":
         """Each group holds whole experts across all layers: the default layout."""
-        groups = [[(l, e) for l in range(num_layers) for e in experts] for experts in expert_groups]
-        return cls.from_groups(groups, num_layers, num_experts)
+        return cls.from_groups([group_pairs(e, None, num_layers) for e in expert_groups], num_layers, num_experts)
 
     @property
     def num_groups(self) -> int:

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from attention_service.async_engine import AsyncEngine, _stop_scan
-from attention_service.sampling_params import SamplingParams
-from mixtral.config import ModelConfig
 from attention_service.config import EngineConfig
+from attention_service.sampling_params import SamplingParams
 from cluster.local import build_engine
+from mixtral.config import ModelConfig
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -115,7 +115,8 @@ def test_logprobs_are_the_models_own(tiny_ckpt):
 
     async def run():
         ae = _serve(tiny_ckpt)
-        d = await ae.complete(prompt, SamplingParams(max_tokens=6, temperature=0.8, seed=3, logprobs=4, ignore_eos=True))
+        d = await ae.complete(prompt, SamplingParams(max_tokens=6, temperature=0.8, seed=3, logprobs=4,
+                                                     ignore_eos=True))
         logits = await ae.engine.prompt_logits([prompt + d.token_ids])
         await ae.close()
         return d, logits[0]
@@ -132,7 +133,8 @@ def test_logprobs_are_the_models_own(tiny_ckpt):
 def test_cancel_frees_blocks_at_once_and_the_engine_keeps_serving(tiny_ckpt):
     async def run():
         ae = _serve(tiny_ckpt)
-        stream = ae.generate([1] + list(range(100, 180)), SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
+        stream = ae.generate([1] + list(range(100, 180)),
+                             SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
         got = [await stream.__anext__() for _ in range(3)]
         assert ae.engine.blocks.num_free < ae.engine.blocks.num_blocks
         await stream.aclose()
@@ -166,7 +168,8 @@ def test_full_64k_context_runs_and_one_more_token_is_refused(make_ckpt):
                 pass
         assert not ae.engine.scheduler.has_work and ae.engine.blocks.num_free == ae.engine.blocks.num_blocks
         # a short request alongside the long one keeps streaming while the long one is fed in
-        short = asyncio.create_task(ae.complete([1, 2, 3], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)))
+        short = asyncio.create_task(ae.complete([1, 2, 3],
+                                                SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)))
         d = await ae.complete(prompt, SamplingParams(max_tokens=1, temperature=0))
         s = await short
         await ae.close()

@@ -17,10 +17,12 @@ import openai
 import pytest
 from ray import serve
 
-from mixtral.config import preset
 from cluster.observe.dashboard import grafana_dashboard, metric_names
+from cluster.tools.harness import running_app
+from mixtral.config import preset
 from mixtral.random_checkpoint import write_random_checkpoint
-from serve_app import running_app
+
+pytestmark = pytest.mark.e2e   # starts a Ray cluster and the whole app
 
 MAX = 3
 

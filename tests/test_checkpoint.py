@@ -11,7 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixtral.checkpoint import (
-    INDEX_FILE, Checkpoint, CheckpointError, attention_tensor_names, expected_tensors, expert_tensor_names,
+    INDEX_FILE,
+    Checkpoint,
+    CheckpointError,
+    attention_tensor_names,
+    expected_tensors,
+    expert_tensor_names,
 )
 from mixtral.config import ConfigError, preset
 from mixtral.random_checkpoint import write_random_checkpoint

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from attention_service.sampling_params import SamplingParams
-from mixtral.checkpoint import Checkpoint
 from cluster.local import build_engine
+from mixtral.checkpoint import Checkpoint
 
 CLI = [sys.executable, "-m", "cluster.tools.cli"]
 

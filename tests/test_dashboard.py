@@ -14,6 +14,8 @@ import pytest
 import torch
 from fastapi import FastAPI
 
+from attention_service.async_engine import Delta
+from attention_service.errors import RequestError
 from attention_service.grpc_transport import RpcInstruments, WireStats
 from cluster.api import request_telemetry
 from cluster.observe import dashboard, telemetry
@@ -90,7 +92,7 @@ class App:
         def stream(tokens: int, fail: Exception | None = None):
             async def gen(_headers):
                 for i in range(tokens):
-                    yield {"token_ids": [i], "finish_reason": "stop" if i == tokens - 1 else None}
+                    yield Delta([i], "", "stop" if i == tokens - 1 else None)
                 if fail:
                     raise fail
             return gen
@@ -99,10 +101,10 @@ class App:
             try:
                 async for _ in request_telemetry.observed(open_stream, 12, "tiny"):
                     pass
-            except (ValueError, RuntimeError):
+            except (RequestError, RuntimeError):
                 pass
 
-        for s in (stream(5), stream(3), stream(0, ValueError("too long")), stream(2, RuntimeError("lost"))):
+        for s in (stream(5), stream(3), stream(0, RequestError("too long", "prompt")), stream(2, RuntimeError("lost"))):
             asyncio.run(run(s))
 
 

@@ -13,11 +13,11 @@ import subprocess
 
 import pytest
 from fastapi import FastAPI
+from test_dashboard import EXPERTS, GROUPS, LAYERS, REPORT, app  # noqa: F401  (app is a fixture)
 
 from cluster.observe.dashboard import add_dashboard_routes
 from cluster.observe.dashboard_data import summarize
-from http_server import serving
-from test_dashboard import EXPERTS, GROUPS, LAYERS, REPORT, app  # noqa: F401  (app is a fixture)
+from cluster.tools.harness import serving
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (`make browser` installs "
@@ -34,7 +34,7 @@ def attrs(tag: str) -> dict[str, str]:
     return dict(re.findall(r'([\w-]+)="([^"]*)"', tag))
 
 
-def test_page_draws_the_data(app, tmp_path):
+def test_page_draws_the_data(app, tmp_path):  # noqa: F811  (app: the fixture imported above)
     families = app.families()
 
     async def gather():

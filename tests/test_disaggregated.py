@@ -5,10 +5,12 @@ import asyncio
 import pytest
 import torch
 
-from attention_service.sampling_params import SamplingParams
 from attention_service.config import EngineConfig
-from cluster.local import build_engine, connect_engine, split_experts
+from attention_service.loader import connect_engine
+from attention_service.sampling_params import SamplingParams
+from cluster.local import build_engine
 from expert_service.launcher import start_shards
+from router.dispatch import split_experts
 
 PROMPTS = [[1] + list(range(500, 500 + n)) for n in (1, 9, 33, 120, 4, 60)]
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)

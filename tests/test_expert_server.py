@@ -9,13 +9,12 @@ import grpc
 import pytest
 import torch
 
-from mixtral.checkpoint import Checkpoint
 from expert_service.launcher import ShardStartError, running_shards, start_shards, stop_shards
 from expert_service.loader import load_experts
 from expert_service.server import FORWARD, FORWARD_STREAM, channel_options, serve
-from protos import codec
+from mixtral.checkpoint import Checkpoint
+from protos import codec, expert_pb2_grpc
 from protos import expert_pb2 as pb
-from protos import expert_pb2_grpc
 
 LIMIT = 1 << 20  # the main shard's message limit: small, so an oversize batch is cheap to build
 D = 64           # the tiny preset's hidden size

@@ -4,10 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixtral.checkpoint import Checkpoint, expert_tensor_names
-from mixtral.config import preset
 from expert_service.experts import ExpertWeights
 from expert_service.loader import load_experts
+from mixtral.checkpoint import Checkpoint, expert_tensor_names
 from router.dispatch import Placement, combine, plan
 from router.gating import route
 

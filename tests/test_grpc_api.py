@@ -10,9 +10,9 @@ import time
 import grpc
 import pytest
 
+from attention_service.config import EngineConfig
 from attention_service.sampling_params import SamplingParams
 from cluster.api.backend import LocalBackend
-from attention_service.config import EngineConfig
 from cluster.api.grpc_api import RpcError, start_grpc_server
 from cluster.local import build_engine
 from protos import generation_pb2 as pb

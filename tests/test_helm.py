@@ -36,7 +36,8 @@ def values_files(tmp_path_factory) -> dict[str, list[str]]:
     for name in VALUES[1:]:
         path = tmp_path_factory.mktemp("plan") / f"{name}.yaml"
         context = "32768" if name == "mixtral-8x7b" else "65536"
-        r = subprocess.run([sys.executable, "-m", "cluster.tools.cli", "plan", "--preset", name, "--gpu-memory", "80GiB",
+        r = subprocess.run([sys.executable, "-m", "cluster.tools.cli", "plan", "--preset", name,
+                            "--gpu-memory", "80GiB",
                             "--context", context, "--concurrency", "16", "--values-out", str(path)],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
@@ -103,7 +104,8 @@ def test_ray_cluster_layout(rendered, case):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")     # Ray's pydantic models, not ours
 @pytest.mark.parametrize("case", VALUES)
 def test_serve_config_is_ours_and_rays(rendered, case):
-    from cluster.serve.builder import GRPC_SERVICERS, serve_config as ours
+    from cluster.serve.builder import GRPC_SERVICERS
+    from cluster.serve.builder import serve_config as ours
 
     sc = serve_config(rendered[case])
     assert sc["http_options"] == {"host": "0.0.0.0", "port": 8000}

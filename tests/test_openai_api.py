@@ -17,14 +17,15 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, Tool
 
 from attention_service.async_engine import Delta
+from attention_service.errors import RequestError
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
 from cluster.api.backend import LocalBackend, token_text
 from cluster.api.chat import ChatReply, chat_prompt, parse_tool_calls, tool_calls_token
-from mixtral.config import preset
-from cluster.local import build_engine
 from cluster.api.openai_api import build_openai_app
-from http_server import serving
+from cluster.local import build_engine
+from cluster.tools.harness import serving
+from mixtral.config import preset
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -235,7 +236,9 @@ def test_extreme_top_k_harms_nobody_in_its_step(v1, tiny_ckpt):
         odd = [aclient.completions.create(model="tiny", prompt="hi", max_tokens=8, extra_body={"top_k": k})
                for k in (2**63, 2**64 + 5, 0, -1)]
         streams, odd = await asyncio.gather(asyncio.gather(*innocents), asyncio.gather(*odd))
-        texts = ["".join([c.choices[0].text async for c in s]) for s in streams]
+        texts = []
+        for s in streams:
+            texts.append("".join([c.choices[0].text async for c in s]))
         await aclient.close()
         return texts, odd
 
@@ -299,9 +302,10 @@ class ScriptedBackend:
 
 def test_engine_failures_become_error_events_or_bodies(tiny_ckpt):
     tok = Tokenizer.from_checkpoint(tiny_ckpt)
-    hi = {"token_ids": [22557], "text": " Hi", "prompt_tokens": 3, "completion_tokens": 1}
-    cases = {"error": [hi, {**hi, "token_ids": [], "text": "", "finish_reason": "error", "error": "shard lost"}],
-             "raise": [hi, RuntimeError("replica died")], "refuse": [ValueError("needs more KV cache than it holds")]}
+    hi = Delta([22557], " Hi", prompt_tokens=3, completion_tokens=1)
+    cases = {"error": [hi, Delta([], "", "error", prompt_tokens=3, completion_tokens=1, error="shard lost")],
+             "raise": [hi, RuntimeError("replica died")],
+             "refuse": [RequestError("needs more KV cache than it holds", "max_tokens")]}
     for name, script in cases.items():
         client = TestClient(build_openai_app(ScriptedBackend(tok, script)))
         req = {"model": "fake", "prompt": "hi", "max_tokens": 4}

@@ -5,10 +5,10 @@ import asyncio
 import pytest
 import torch
 
-from attention_service.sampling_params import SamplingParams
-from mixtral.config import ModelConfig, preset
 from attention_service.config import EngineConfig
+from attention_service.sampling_params import SamplingParams
 from cluster.local import build_engine
+from mixtral.config import ModelConfig, preset
 
 transformers = pytest.importorskip("transformers")
 

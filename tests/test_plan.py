@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from cluster.serve import app_config
-from mixtral.config import preset
 from cluster.tools.plan import GiB, PlanError, chart_values, make_plan, parse_size
+from mixtral.config import preset
 
 KiB = 1024
 # DESIGN.md §1, bf16: one expert over all layers, all experts, attention side (GB), KV per token.

@@ -7,9 +7,8 @@ from importlib.metadata import version
 import grpc
 import torch
 
-from protos import codec, generate
+from protos import codec, expert_pb2_grpc, generate, generation_pb2, generation_pb2_grpc
 from protos import expert_pb2 as pb
-from protos import expert_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 PINNED_TOOLS = "1.85.1"  # pyproject.toml, dev extra
 

@@ -13,8 +13,11 @@ from ray import serve
 
 from attention_service.sampling_params import SamplingParams
 from cluster.local import build_engine
-from protos import generation_pb2 as gpb, generation_pb2_grpc as ggrpc
-from serve_app import running_app
+from cluster.tools.harness import running_app
+from protos import generation_pb2 as gpb
+from protos import generation_pb2_grpc as ggrpc
+
+pytestmark = pytest.mark.e2e   # starts a Ray cluster and the whole app
 
 PROMPT_IDS = [1, 415, 5565, 302, 4843]
 

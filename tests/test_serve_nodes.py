@@ -9,7 +9,9 @@ from ray.cluster_utils import Cluster
 
 from attention_service.sampling_params import SamplingParams
 from cluster.local import build_engine
-from serve_app import running_app
+from cluster.tools.harness import running_app
+
+pytestmark = pytest.mark.e2e   # starts a Ray cluster and the whole app
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,10 @@ import yaml
 
 from attention_service.grpc_transport import RpcInstruments
 from cluster.observe import metrics_gather
-from cluster.serve import app_config
-from cluster.tools.cli import main
 from cluster.observe.recording import Recording, Scrape
 from cluster.observe.telemetry import Telemetry
+from cluster.serve import app_config
+from cluster.tools.cli import main
 from cluster.tools.tune import propose
 from router.routing_stats import RoutingStats
 
@@ -205,7 +205,8 @@ def test_top_unreachable_url_is_a_clear_error():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]            # closed again: nothing listens there
-    r = subprocess.run([sys.executable, "-m", "cluster.tools.cli", "top", "--url", f"http://127.0.0.1:{port}", "--once"],
+    r = subprocess.run([sys.executable, "-m", "cluster.tools.cli", "top", "--url", f"http://127.0.0.1:{port}",
+                        "--once"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert f"cannot reach http://127.0.0.1:{port}/metrics" in r.stderr and "Traceback" not in r.stderr

@@ -1,28 +1,27 @@
 """What the front door (OpenAI HTTP, public gRPC) needs from an engine, wherever it runs.
 
 The same route code serves an engine in this process (`LocalBackend`: tests, running
-without Ray) and one behind a Ray Serve `DeploymentHandle`, where deltas arrive as
-plain dicts and errors arrive re-raised from another process. So requests are checked
-here, before dispatch, and `open_stream` waits for the first delta: input the engine
-alone can refuse (a KV cache too small) still fails before any response is sent, and
-the caller can answer with a clean 400 / INVALID_ARGUMENT instead of a broken stream.
+without Ray) and one behind a Ray Serve `DeploymentHandle`, where deltas arrive as the
+same `Delta` structs and errors arrive re-raised from another process with their types.
+So requests are checked here, before dispatch, and `open_stream` waits for the first
+delta: input the engine alone can refuse (a KV cache too small) still fails before any
+response is sent, and the caller can answer with a clean 400 / INVALID_ARGUMENT instead
+of a broken stream.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Protocol
 
 import anyio
 
-from attention_service.async_engine import AsyncEngine, Delta
 from attention_service import sampling_params
+from attention_service.async_engine import AsyncEngine, Delta
+from attention_service.config import EngineConfig
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
-from attention_service.config import EngineConfig
-
-_DELTA_FIELDS = {f.name for f in fields(Delta)}
+from cluster.local import build_engine
 
 
 class Backend(Protocol):
@@ -30,8 +29,8 @@ class Backend(Protocol):
     tokenizer: Tokenizer
     max_model_len: int
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta | dict]:
-        """One request's deltas, the last with finish_reason; bad input raises ValueError."""
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """One request's deltas, the last with finish_reason; bad input raises RequestError."""
         ...
 
 
@@ -41,14 +40,12 @@ class LocalBackend:
     def __init__(self, engine: AsyncEngine, model_name: str):
         self.engine, self.model_name = engine, model_name
         self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.engine.max_model_len
+        self.max_model_len = engine.max_model_len
 
     @classmethod
     def from_checkpoint(cls, model_dir: str | Path, cfg: EngineConfig | None = None, groups: int = 1,
                         model_name: str | None = None) -> LocalBackend:
         """Load the checkpoint with every expert in-process; served under the folder's name by default."""
-        from cluster.local import build_engine
-
         engine, tok = build_engine(model_dir, cfg or EngineConfig(), groups)
         return cls(AsyncEngine(engine, tok), model_name or Path(model_dir).resolve().name)
 
@@ -62,16 +59,6 @@ class LocalBackend:
 def getter(backend: Backend | Callable[[], Backend]) -> Callable[[], Backend]:
     """A backend, or a function giving the current one (built after the routes are), as a function."""
     return (lambda: backend) if hasattr(backend, "stream") else backend
-
-
-def as_delta(x: Delta | dict) -> Delta:
-    """A Delta, from either itself or its fields as a dict (what crosses a Ray handle)."""
-    if isinstance(x, Delta):
-        return x
-    d = {k: v for k, v in x.items() if k in _DELTA_FIELDS}
-    if d.get("logprobs") is not None:       # tuples may have become lists on the way
-        d["logprobs"] = [(lp, [tuple(a) for a in alts]) for lp, alts in d["logprobs"]]
-    return Delta(**d)
 
 
 def usage(d: Delta) -> dict:
@@ -96,7 +83,7 @@ def room_left(backend: Backend, prompt_ids: list[int]) -> int:
 
 
 async def open_stream(backend: Backend, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-    """Check, dispatch and wait for the first delta; ValueError here means bad input.
+    """Check, dispatch and wait for the first delta; RequestError here means bad input.
 
     The returned generator must be closed (`aclose()`) by whoever stops reading it early;
     closing it cancels the request in the engine.
@@ -104,7 +91,7 @@ async def open_stream(backend: Backend, prompt_ids: list[int], params: SamplingP
     check_prompt(backend, prompt_ids, params)
     it = aiter(backend.stream(prompt_ids, params))
     try:
-        first = as_delta(await anext(it))
+        first = await anext(it)
     except BaseException:
         await close_quietly(it)
         raise
@@ -116,7 +103,7 @@ async def _chain(first: Delta, rest: AsyncIterator) -> AsyncIterator[Delta]:
         yield first
         if first.finish_reason is None:
             async for x in rest:
-                yield as_delta(x)
+                yield x
     finally:
         await close_quietly(rest)
 

@@ -24,6 +24,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.base import SpecialTokens
 
 from attention_service.async_engine import Delta
+from attention_service.errors import RequestError
 from attention_service.tokenizer import Tokenizer
 from cluster.api.backend import token_text, usage
 
@@ -31,12 +32,11 @@ _CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
 _ALNUM = string.ascii_letters + string.digits
 
 
-class ChatError(ValueError):
+class ChatError(RequestError):
     """A conversation that cannot be turned into a prompt for this model."""
 
-    def __init__(self, message: str, param: str | None = "messages"):
-        super().__init__(message)
-        self.param = param
+    def __init__(self, message: str, param: str | None = "messages", code: str | None = None):
+        super().__init__(message, param, code)
 
 
 def supports_tools(tok: Tokenizer) -> bool:

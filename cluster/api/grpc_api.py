@@ -13,12 +13,12 @@ does; unset `seed` draws a fresh one; unset `logprobs` returns none.
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from typing import AsyncIterator, Callable
 
 import grpc
 
+from attention_service.errors import RequestError
 from attention_service.sampling_params import SamplingParams
 from cluster.api.backend import Backend, close_quietly, getter, open_stream, room_left
 from protos import generation_pb2 as pb
@@ -51,18 +51,19 @@ def to_engine_request(backend: Backend, request: pb.GenerateRequest) -> tuple[li
     def opt(name: str, default):
         return getattr(request, name) if request.HasField(name) else default
 
-    for name in ("temperature", "top_p"):
-        if request.HasField(name) and not math.isfinite(getattr(request, name)):
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} must be a finite number")
     try:
         params = SamplingParams(
             max_tokens=opt("max_tokens", room_left(backend, ids)),
             temperature=opt("temperature", 1.0), top_p=opt("top_p", 1.0), top_k=opt("top_k", 0),
             seed=opt("seed", None), stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
             ignore_eos=request.ignore_eos, logprobs=opt("logprobs", None))
-    except ValueError as e:
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    except RequestError as e:
+        raise _refusal(e) from None
     return ids, params
+
+
+def _refusal(e: RequestError) -> RpcError:
+    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, e.message)
 
 
 async def generate(backend: Backend, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
@@ -71,8 +72,8 @@ async def generate(backend: Backend, request: pb.GenerateRequest) -> AsyncIterat
     ids, params = to_engine_request(backend, request)
     try:
         stream = await open_stream(backend, ids, params)
-    except ValueError as e:
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    except RequestError as e:
+        raise _refusal(e) from None
     except Exception as e:
         log.exception("generation failed to start")
         raise RpcError(grpc.StatusCode.INTERNAL, f"generation failed: {e}") from None

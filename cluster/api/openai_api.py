@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from starlette.background import BackgroundTask
 
 from attention_service.async_engine import Delta
+from attention_service.errors import RequestError
 from attention_service.sampling_params import SamplingParams
 from cluster.api import chat
 from cluster.api.backend import Backend, close_quietly, getter, open_stream, room_left, token_text, usage
@@ -48,9 +49,9 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    # Unknown OpenAI fields are ignored, as OpenAI does. Python's json reads NaN and 1e999, and a
-    # NaN temperature would fail the engine step of every request sharing it.
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    # Unknown OpenAI fields are ignored, as OpenAI does. Python's json reads NaN and 1e999:
+    # SamplingParams refuses them, the one finiteness check for both front doors.
+    model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
@@ -97,6 +98,11 @@ def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
+    @app.exception_handler(RequestError)
+    async def _refused(request: Request, e: RequestError) -> JSONResponse:
+        err = _refusal(e, chat=request.url.path.endswith("/chat/completions"))
+        return JSONResponse(err.body(), status_code=err.status)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
         # Starlette still logs the traceback; the client gets the same error shape as for everything else.
@@ -130,10 +136,7 @@ def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
     async def chat_completions(request: Request) -> Response:
         b = get_backend()
         req = await _parse(request, ChatRequest, b)
-        try:
-            ids = chat.chat_prompt(b.tokenizer, req.messages, req.tools, req.tool_choice)
-        except chat.ChatError as e:
-            raise APIError(400, str(e), e.param) from None
+        ids = chat.chat_prompt(b.tokenizer, req.messages, req.tools, req.tool_choice)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         lps = (req.top_logprobs or 0) if req.logprobs else None
         params = _params(req, limit if limit is not None else room_left(b, ids), lps)
@@ -165,27 +168,29 @@ async def _parse(request: Request, model: type[_Sampling], backend: Backend) -> 
 
 
 def _params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, top_k=req.top_k or 0,
-            stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
-            stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs)
-    except ValueError as e:
-        # SamplingParams' messages start with the field's name ("max_tokens must be ...").
-        field = str(e).split()[0]
-        if isinstance(req, ChatRequest) and field == "logprobs":
-            field = "top_logprobs"
-        raise APIError(400, str(e), field) from None
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, top_k=req.top_k or 0,
+        stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs)
+
+
+# The engine's parameter names, as a chat request spells them.
+_CHAT_PARAMS = {"prompt": "messages", "logprobs": "top_logprobs"}
+
+
+def _refusal(e: RequestError, chat: bool) -> APIError:
+    """A refused request as OpenAI's 400: the parameter named as the client's route spells it."""
+    param = _CHAT_PARAMS.get(e.param, e.param) if chat else e.param
+    return APIError(400, e.message, param, e.code)
 
 
 async def _respond(request: Request, b: Backend, req: _Sampling, ids: list[int], params: SamplingParams,
                    reply: _CompletionReply | chat.ChatReply) -> Response:
     try:
         stream = await open_stream(b, ids, params)
-    except ValueError as e:
-        code = "context_length_exceeded" if "context" in str(e) else None
-        raise APIError(400, str(e), "messages" if isinstance(req, ChatRequest) else "prompt", code) from None
+    except RequestError:
+        raise
     except Exception as e:
         log.exception("generation failed to start")
         raise APIError(500, f"generation failed: {e}", type="server_error") from None

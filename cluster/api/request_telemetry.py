@@ -10,11 +10,13 @@ from typing import AsyncIterator, Callable
 
 from opentelemetry import trace
 
+from attention_service.async_engine import Delta
+from attention_service.errors import RequestError
 from cluster.observe import telemetry
 
 
-async def observed(open_stream: Callable[[dict], AsyncIterator[dict]], prompt_tokens: int, model: str
-                   ) -> AsyncIterator[dict]:
+async def observed(open_stream: Callable[[dict], AsyncIterator[Delta]], prompt_tokens: int, model: str
+                   ) -> AsyncIterator[Delta]:
     """Wrap a request's delta stream: `open_stream(trace_headers)` starts it under the request's span."""
     tel = telemetry.get()
     attrs = {"gen_ai.request.model": model, "gen_ai.operation.name": "text_completion"}
@@ -28,18 +30,17 @@ async def observed(open_stream: Callable[[dict], AsyncIterator[dict]], prompt_to
     inner = open_stream(telemetry.inject(trace.set_span_in_context(span)))
     try:
         async for delta in inner:
-            d = delta if isinstance(delta, dict) else vars(delta)
-            n = len(d.get("token_ids") or ())
+            n = len(delta.token_ids)
             if n:
                 last = time.perf_counter()
                 first = first or last
                 tokens += n
-            if d.get("finish_reason") is not None:
-                outcome = d["finish_reason"]
+            if delta.finish_reason is not None:
+                outcome = delta.finish_reason
             yield delta
     except BaseException as e:
         # Input refused before any work is the client's error, not the server's.
-        outcome = "rejected" if isinstance(e, ValueError) else "error" if isinstance(e, Exception) else "abort"
+        outcome = "rejected" if isinstance(e, RequestError) else "error" if isinstance(e, Exception) else "abort"
         span.set_status(trace.StatusCode.ERROR, type(e).__name__)
         raise
     finally:

@@ -14,9 +14,8 @@ from typing import Iterable
 
 from prometheus_client.samples import Sample
 
-from cluster.observe.names import ATTENTION, GROUP_PREFIX
 from cluster.observe.metrics_gather import Family
-
+from cluster.observe.names import ATTENTION, GROUP_PREFIX
 
 Index = dict[str, list[Sample]]          # series name (e.g. `..._bucket`) -> its samples
 
@@ -184,7 +183,8 @@ def requests(w: Window) -> dict:
     tpot = _buckets(now, "gen_ai_server_time_per_output_token_seconds")
     tokens_per_s = None
     if w.dt:
-        output = lambda labels: labels.get("gen_ai_token_type") == "output"
+        def output(labels: dict) -> bool:
+            return labels.get("gen_ai_token_type") == "output"
         tokens_per_s = sum(_increase(w, "gen_ai_client_token_usage_sum", output).values()) / w.dt
     outcomes: dict[str, float] = defaultdict(float)
     for s in now.get("moe_serve_requests_total", ()):

@@ -26,7 +26,8 @@ from typing import Callable, Iterable
 
 import msgspec
 import prometheus_client
-from opentelemetry import context as otel_context, metrics, propagate, trace
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -78,7 +79,8 @@ class Telemetry:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
             from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=spec.otlp_endpoint, insecure=True)))
+            readers.append(PeriodicExportingMetricReader(
+                OTLPMetricExporter(endpoint=spec.otlp_endpoint, insecure=True)))
             self.tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=spec.otlp_endpoint,
                                                                                         insecure=True)))
         if spec.trace_dir:
@@ -113,7 +115,8 @@ class Telemetry:
         self.running = m.create_gauge("moe_serve.requests.running", "{request}", "Requests in the running batch")
         self.waiting = m.create_gauge("moe_serve.requests.waiting", "{request}", "Requests waiting to start")
         # Expert side.
-        self.busy = m.create_gauge("moe_serve.expert.busy", "1", "Fraction of wall time an expert replica computed (on CPU: the CPU time its compute got)")
+        self.busy = m.create_gauge("moe_serve.expert.busy", "1", "Fraction of wall time an expert replica "
+                                   "computed (on CPU: the CPU time its compute got)")
 
         # Counts kept by the data path in plain Python and torch, read only at collection time,
         # so a step or an RPC pays nothing for them. Sources register themselves here.

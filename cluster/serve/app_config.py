@@ -20,6 +20,7 @@ import yaml
 from attention_service.config import EngineConfig
 from cluster.observe.telemetry import TelemetrySpec
 from mixtral.config import CACHE, ConfigError, preset
+from router.dispatch import split_experts
 
 
 class Resources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -173,7 +174,7 @@ def resolve_groups(cfg: AppConfig, num_experts: int) -> list[GroupSpec]:
         return list(cfg.expert_groups)
     if not 1 <= cfg.groups <= num_experts:
         raise ConfigError(f"groups must be in [1, {num_experts}], got {cfg.groups}")
-    return [GroupSpec(experts=list(range(g, num_experts, cfg.groups))) for g in range(cfg.groups)]
+    return [GroupSpec(experts=e) for e in split_experts(num_experts, cfg.groups)]
 
 
 def default_model() -> Path:

@@ -14,18 +14,18 @@ import msgspec
 from ray import serve
 from ray.serve import Application
 
-from cluster.serve.app_config import AppConfig, Resources, decode, default_model, group_scaling, resolve_groups
 from cluster.observe.names import ATTENTION, FRONTEND, GROUP_PREFIX
-from mixtral.checkpoint import Checkpoint
+from cluster.serve.app_config import AppConfig, Resources, decode, default_model, group_scaling, resolve_groups
 from cluster.serve.deployments import Attention, ExpertGroup
 from cluster.serve.frontend import Frontend
+from mixtral.checkpoint import Checkpoint
 
 GRPC_SERVICERS = ["protos.generation_pb2_grpc.add_GenerationServicer_to_server"]
 POLICY = "cluster.serve.autoscale_policy:AppPolicy"
 # Serve's throughput settings (its performance guide's; Ray 2.60 still defaults to 1): user
 # code and handle routing on the replica's own event loop, not on threads of their own.
 # Every token crosses two streaming handles (Attention -> Frontend -> proxy), and each item
-# paid two hand-offs between threads (on the serve_load bench the gain was within its
+# paid two hand-offs between threads (on the app_load bench the gain was within its
 # run-to-run spread; docs/benchmarks.md).
 # Replicas get them through their runtime_env; proxies and the controller read them from
 # the environment Ray starts with (RAY_ENV).
@@ -34,7 +34,7 @@ SERVE_FLAGS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN
 # Helm chart for every pod). Ray starts its workers at nice 15, below its own processes and
 # anything else on the machine; here the workers are the server's data path (each token
 # crosses the Attention and expert processes several times per step), so they run at the
-# ordinary priority: on serve_load, 2 shared cores, served tokens/s ~157 -> ~190.
+# ordinary priority: on app_load, 2 shared cores, served tokens/s ~157 -> ~190.
 RAY_ENV = {**SERVE_FLAGS, "RAY_worker_niceness": "0"}
 
 
@@ -67,7 +67,7 @@ def build_app(cfg: AppConfig, model: str) -> Application:
     mc = Checkpoint(model).config
     groups = resolve_groups(cfg, mc.num_local_experts)
     directory = f"{cfg.name}-endpoints"
-    telemetry = msgspec.to_builtins(cfg.telemetry)
+    telemetry = cfg.telemetry
     experts = []
     for g, spec in enumerate(groups):
         s = group_scaling(cfg, spec)
@@ -75,15 +75,14 @@ def build_app(cfg: AppConfig, model: str) -> Application:
             ExpertGroup, name=f"{GROUP_PREFIX}{g}", max_ongoing_requests=spec.max_ongoing_requests,
             ray_actor_options=_actor_options(spec), graceful_shutdown_timeout_s=30, health_check_period_s=5,
             **_replicas(cfg, spec.replicas, s.min_replicas, s.max_replicas),
-        ).bind(model, g, spec.experts, spec.layers, cfg.expert_device, cfg.expert_dtype, directory, telemetry))
+        ).bind(model, g, spec, cfg.expert_device, cfg.expert_dtype, directory, telemetry))
     a, s = cfg.attention, cfg.autoscaling.attention
     attention = serve.deployment(
         Attention, name=ATTENTION, max_ongoing_requests=a.max_ongoing_requests,
         ray_actor_options=_actor_options(a), graceful_shutdown_timeout_s=60,
         **_replicas(cfg, a.replicas, s.min_replicas, s.max_replicas),
-    ).bind(model, msgspec.to_builtins(a.engine), [{"experts": s.experts, "layers": s.layers} for s in groups],
-           directory, telemetry, experts)
-    max_len = min(a.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    ).bind(model, a.engine, groups, directory, telemetry, experts)
+    max_len = a.engine.max_model_len_for(mc)
     return serve.deployment(Frontend, name=FRONTEND, num_replicas=1, max_ongoing_requests=1000,
                             ray_actor_options=_actor_options()).bind(
         attention, model, cfg.model_name or model.rstrip("/").split("/")[-1], max_len, directory, telemetry)

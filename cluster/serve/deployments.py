@@ -12,31 +12,29 @@ import asyncio
 import logging
 import time
 
-import msgspec
 import ray
 from ray import serve
 
 from attention_service.async_engine import AsyncEngine
-from attention_service.engine import Engine
-from attention_service.grpc_transport import GrpcTransport
-from attention_service.loader import load_attention_model
-from attention_service.sampling_params import SamplingParams
-from attention_service.tokenizer import Tokenizer
-from cluster.observe import telemetry
-from cluster.observe.telemetry import TelemetrySpec
-from cluster.observe.names import GROUP_PREFIX
-from mixtral.checkpoint import Checkpoint, resolve_dtype
 from attention_service.config import EngineConfig
+from attention_service.grpc_transport import GrpcTransport
+from attention_service.loader import open_engine
+from attention_service.sampling_params import SamplingParams
+from cluster.observe import telemetry
+from cluster.observe.names import GROUP_PREFIX
+from cluster.observe.telemetry import TelemetrySpec
+from cluster.serve.app_config import GroupSpec
 from cluster.serve.directory import get_directory
 from expert_service.server import serve as serve_shard
-from router.dispatch import Placement
+from mixtral.checkpoint import Checkpoint
+from router.dispatch import Placement, group_pairs
 
 log = logging.getLogger("ray.serve")
 
 
-def _telemetry(service: str, spec: dict | None, host: str) -> telemetry.Telemetry:
+def _telemetry(service: str, spec: TelemetrySpec, host: str) -> telemetry.Telemetry:
     """This replica's telemetry and its /metrics server (registered in the directory by the caller)."""
-    tel = telemetry.init(service, msgspec.convert(spec or {}, TelemetrySpec))
+    tel = telemetry.init(service, spec)
     tel.serve_metrics(host=host)
     return tel
 
@@ -58,11 +56,11 @@ class _Busy:
 class ExpertGroup:
     """One replica of an expert group: an ExpertShard gRPC server, registered in the directory."""
 
-    async def __init__(self, model: str, group: int, experts: list[int], layers: list[int] | None,
-                   device: str, dtype: str, directory: str, telemetry_spec: dict | None = None):
+    async def __init__(self, model: str, group: int, spec: GroupSpec, device: str, dtype: str, directory: str,
+                       telemetry_spec: TelemetrySpec = TelemetrySpec()):
         host = ray.util.get_node_ip_address()
         self.telemetry = _telemetry("experts", telemetry_spec, host)
-        self.shard, port = await serve_shard(model, experts, layers, port=0, host=host, device=device,
+        self.shard, port = await serve_shard(model, spec.experts, spec.layers, port=0, host=host, device=device,
                                              dtype=dtype, shard_id=f"g{group}", group=group)
         self.group, self.address = group, f"{host}:{port}"
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -109,25 +107,24 @@ class ExpertGroup:
 class Attention:
     """One attention shard: the engine, its KV cache, and gRPC clients of every expert group."""
 
-    async def __init__(self, model: str, engine: dict, groups: list[dict], directory: str,
-                   telemetry_spec: dict | None = None, experts: list | None = None, wait_for_experts_s: float = 300.0):
+    async def __init__(self, model: str, cfg: EngineConfig, groups: list[GroupSpec], directory: str,
+                       telemetry_spec: TelemetrySpec = TelemetrySpec(), experts: list | None = None,
+                       wait_for_experts_s: float = 300.0):
         # `experts` are the ExpertGroup deployments' handles: bound here so that Serve deploys
         # them with the app; the data path reaches them over gRPC, not through Serve.
-        cfg = msgspec.convert(engine, EngineConfig)
         ckpt = Checkpoint(model)
         mc = ckpt.config
-        placement = Placement.from_groups(
-            [[(l, e) for l in (g["layers"] if g["layers"] is not None else range(mc.num_hidden_layers))
-              for e in g["experts"]] for g in groups], mc.num_hidden_layers, mc.num_local_experts)
+        placement = Placement.from_groups([group_pairs(g.experts, g.layers, mc.num_hidden_layers) for g in groups],
+                                          mc.num_hidden_layers, mc.num_local_experts)
         self.telemetry = _telemetry("attention", telemetry_spec, ray.util.get_node_ip_address())
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.directory = get_directory(directory)
         version, addresses = await self._wait_for_experts(len(groups), wait_for_experts_s)
         self.transport = GrpcTransport([addresses.get(g, []) for g in range(len(groups))])
-        attention = load_attention_model(ckpt, resolve_dtype(cfg.dtype, ckpt, cfg.device), cfg.device)
-        engine_ = Engine(attention, self.transport, placement, cfg, eos_id=mc.eos_token_id)
-        self.engine = AsyncEngine(engine_, Tokenizer.from_checkpoint(ckpt))
-        self.telemetry.routing_sources.add(engine_.routing)
+        engine, tokenizer = open_engine(ckpt, cfg, self.transport, placement)
+        self.engine = AsyncEngine(engine, tokenizer)
+        self.routing = engine.routing
+        self.telemetry.routing_sources.add(self.routing)
         self.telemetry.wire_sources.add(self.transport.stats)
         self.stats: dict[str, float] = {}
         loop = asyncio.get_running_loop()
@@ -156,20 +153,20 @@ class Attention:
 
     async def _report_load(self, num_groups: int) -> None:
         """Every second: the load figures, for telemetry and for the autoscaling policy."""
-        tel, e = self.telemetry, self.engine.engine
+        tel = self.telemetry
         mine = {"replica": self.replica}
         while True:
             await asyncio.sleep(1.0)
             try:
-                rates = e.routing.rates()
+                rates = self.routing.rates()
                 stats = {f"routed_tps.g{g}": r for g, r in enumerate(rates)}
                 stats.update(running=self.engine.num_running, waiting=self.engine.num_waiting,
-                             kv_usage=e.blocks.usage)
+                             kv_usage=self.engine.kv_usage)
                 self.stats = stats
                 for g, r in enumerate(rates):
                     tel.routed_rate.set(r, {"group": str(g), **mine})
                     tel.replicas.set(len(self.transport.live(g)), {"group": str(g), "state": "current"})
-                tel.kv_usage.set(e.blocks.usage, mine)
+                tel.kv_usage.set(self.engine.kv_usage, mine)
                 tel.running.set(self.engine.num_running, mine)
                 tel.waiting.set(self.engine.num_waiting, mine)
                 await self.directory.register_metrics.remote(f"attention-{self.replica}", tel.url)
@@ -183,16 +180,14 @@ class Attention:
         """Serve's controller reads this every metrics interval: routed load per group, requests, KV use."""
         return self.stats
 
-    async def generate(self, prompt_ids: list[int], params: dict, trace: dict | None = None):
-        """Stream a request's deltas as plain dicts (they cross process boundaries).
-        trace: the front door's trace context as W3C headers."""
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, trace: dict | None = None):
+        """Stream a request's Deltas. trace: the front door's trace context as W3C headers."""
         ctx = telemetry.extract(trace) if trace else None
-        async for delta in self.engine.generate(prompt_ids, SamplingParams(**params), ctx):
-            yield vars(delta)       # its fields, shallow: nothing in a Delta needs copying
+        async for delta in self.engine.generate(prompt_ids, params, ctx):
+            yield delta
 
     def load(self) -> dict:
-        e = self.engine.engine
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
-                "kv_usage": e.blocks.usage, "expert_replicas": [len(r) for r in self.transport.replicas],
+                "kv_usage": self.engine.kv_usage, "expert_replicas": [len(r) for r in self.transport.replicas],
                 "failovers": self.transport.stats.failovers, "node_id": ray.get_runtime_context().get_node_id(),
                 "rows_per_replica": dict(self.transport.stats.per_replica_rows), "replica": self.replica}

@@ -7,22 +7,22 @@ and tokens stream back from an Attention replica through a DeploymentHandle.
 import os
 from typing import AsyncIterator
 
-import msgspec
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from attention_service.async_engine import Delta
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
 from cluster.api import grpc_api
-from cluster.observe import metrics_gather, telemetry
-from cluster.observe.telemetry import TelemetrySpec
 from cluster.api.backend import Backend
-from cluster.observe.dashboard import add_dashboard_routes
-from cluster.serve.directory import get_directory
 from cluster.api.openai_api import add_openai_routes
 from cluster.api.request_telemetry import observed
+from cluster.observe import metrics_gather, telemetry
+from cluster.observe.dashboard import add_dashboard_routes
+from cluster.observe.telemetry import TelemetrySpec
+from cluster.serve.directory import get_directory
 
 app = FastAPI(title="moe-serve")
 _replica: dict = {}
@@ -62,15 +62,15 @@ class ServeBackend:
         self.attention = attention.options(stream=True)
         self.tokenizer, self.model_name, self.max_model_len = tokenizer, model_name, max_model_len
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[dict]:
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         return observed(lambda trace: self._stream(prompt_ids, params, trace), len(prompt_ids), self.model_name)
 
-    async def _stream(self, prompt_ids: list[int], params: SamplingParams, trace: dict) -> AsyncIterator[dict]:
-        gen = self.attention.generate.remote(prompt_ids, msgspec.to_builtins(params), trace or None)
+    async def _stream(self, prompt_ids: list[int], params: SamplingParams, trace: dict) -> AsyncIterator[Delta]:
+        gen = self.attention.generate.remote(prompt_ids, params, trace or None)
         done = False
         try:
             async for delta in gen:
-                done = delta.get("finish_reason") is not None
+                done = delta.finish_reason is not None
                 yield delta
         finally:
             if not done:
@@ -80,8 +80,8 @@ class ServeBackend:
 @serve.ingress(app)
 class Frontend:
     def __init__(self, attention: DeploymentHandle, model: str, model_name: str, max_model_len: int,
-                 directory: str, telemetry_spec: dict | None = None):
-        telemetry.init("frontend", msgspec.convert(telemetry_spec or {}, TelemetrySpec))
+                 directory: str, telemetry_spec: TelemetrySpec = TelemetrySpec()):
+        telemetry.init("frontend", telemetry_spec)
         self.backend = ServeBackend(attention, Tokenizer.from_checkpoint(model), model_name, max_model_len)
         _replica["backend"] = self.backend
         _replica["directory"] = get_directory(directory)

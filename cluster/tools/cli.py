@@ -37,8 +37,9 @@ def _engine_config(a: argparse.Namespace):
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
+    from attention_service.loader import connect_engine
     from attention_service.sampling_params import SamplingParams
-    from cluster.local import build_engine, connect_engine
+    from cluster.local import build_engine
 
     async def run():
         model = a.model or default_model()
@@ -52,7 +53,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         try:
             (seq,) = await engine.generate([prompt], params)
         finally:
-            await engine.runner.transport.close()
+            await engine.close()
         return seq, tok
 
     try:
@@ -70,9 +71,9 @@ def cmd_experts(a: argparse.Namespace) -> None:
     """Start G local expert shard processes and keep them up until interrupted."""
     import signal
 
-    from mixtral.checkpoint import Checkpoint
-    from cluster.local import split_experts
     from expert_service.launcher import start_shards
+    from mixtral.checkpoint import Checkpoint
+    from router.dispatch import split_experts
 
     model = a.model or default_model()
     groups = split_experts(Checkpoint(model).config.num_local_experts, a.groups)
@@ -239,7 +240,8 @@ def parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("experts", help="start local expert shard processes for a quick try",
                        description="Start one expert shard process per group (whole experts dealt round-robin) "
-                                   "and print the --experts-at value that `moe-serve generate` takes. Ctrl-C stops them.")
+                                   "and print the --experts-at value that `moe-serve generate` takes. "
+                                   "Ctrl-C stops them.")
     x.add_argument("--model", help="checkpoint folder (default: the embedded tiny model)")
     x.add_argument("--groups", type=int, default=2, help="expert groups (default: 2)")
     x.add_argument("--replicas", type=int, default=1, help="processes per group (default: 1)")

@@ -259,11 +259,13 @@ def add_parser(sub) -> None:
     q.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GiB, 141GB, 48Gi")
     q.add_argument("--context", type=int, help="tokens per sequence, prompt and output (default: the model's)")
     q.add_argument("--concurrency", type=int, required=True, help="sequences of --context tokens held at once")
-    q.add_argument("--dtype", default="bfloat16", choices=list(DTYPE_BYTES), help="weights and KV cache (default: bfloat16)")
+    q.add_argument("--dtype", default="bfloat16", choices=list(DTYPE_BYTES),
+                   help="weights and KV cache (default: bfloat16)")
     q.add_argument("--headroom", type=float, default=0.1,
                    help="share of each GPU left for CUDA, activations and slack (default: 0.1)")
     q.add_argument("--attention-replicas", type=int, help="fix the count (default: as many as the KV cache needs)")
-    q.add_argument("--experts-per-gpu", type=int, help="fewer than fit, for finer-grained scaling (default: as many as fit)")
+    q.add_argument("--experts-per-gpu", type=int,
+                   help="fewer than fit, for finer-grained scaling (default: as many as fit)")
     q.add_argument("--max-expert-replicas", type=int, default=2,
                    help="replicas each expert group may scale to; sizes the experts worker group (default: 2)")
     q.add_argument("--values-out", metavar="FILE", help="write the plan as helm/moe-serve values (- for stdout)")

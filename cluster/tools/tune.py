@@ -53,10 +53,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from cluster.serve.app_config import AppConfig, AttentionScaling, GroupScaling
-from cluster.serve.autoscale_policy import Rule, decide
 from cluster.observe.names import ROUTED
 from cluster.observe.recording import Recording
+from cluster.serve.app_config import AppConfig, AttentionScaling, GroupScaling
+from cluster.serve.autoscale_policy import Rule, decide
 from cluster.tools.tune_series import Stats, burst_gaps, knee_load, rise_times, stats
 
 BUSY = "moe_serve_expert_busy_time_seconds_total"

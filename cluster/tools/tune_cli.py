@@ -15,8 +15,8 @@ import msgspec
 import yaml
 
 from cluster.observe import recording
-from cluster.serve import app_config
 from cluster.observe.recording import Recording, ScrapeError
+from cluster.serve import app_config
 from cluster.tools.tune import Proposal, propose
 
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 MAD_OF_DIFFERENCES = 0.6745 * math.sqrt(2)
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear between the closest ranks, as numpy's default."""
+def percentile(values: list[float], q: float, empty: float = 0.0) -> float:
+    """The q-th percentile (0-100), linear between the closest ranks as numpy's default; `empty` if none."""
     if not values:
-        return 0.0
+        return empty
     xs = sorted(values)
     pos = q / 100 * (len(xs) - 1)
     i = int(pos)

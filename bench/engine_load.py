@@ -48,9 +48,9 @@ Correctness check
     batches can differ by rounding; not a failure). Prints a CHECK line; exits 1 on failure.
 
 Run
-    .venv/bin/python bench/serving_load.py            # the full run
-    .venv/bin/python bench/serving_load.py --quick    # smoke run, about a minute
-    .venv/bin/python bench/serving_load.py --help
+    .venv/bin/python -m bench.engine_load            # the full run
+    .venv/bin/python -m bench.engine_load --quick    # smoke run, about a minute
+    .venv/bin/python -m bench.engine_load --help
 """
 
 from __future__ import annotations
@@ -62,19 +62,18 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (also puts the repo root on sys.path)
-import op_profile  # noqa: E402
 
 import torch  # noqa: E402
 
 from attention_service.async_engine import AsyncEngine  # noqa: E402
-from attention_service.sampling_params import SamplingParams  # noqa: E402
-from mixtral.config import load_model_config  # noqa: E402
 from attention_service.config import EngineConfig  # noqa: E402
+from attention_service.sampling_params import SamplingParams  # noqa: E402
+from bench import (
+    common,  # noqa: E402
+    op_profile,  # noqa: E402
+)
 from cluster.local import build_engine  # noqa: E402
+from mixtral.config import load_model_config  # noqa: E402
 
 TARGET_RATIO = 5.0
 TARGET_STALL = 2.0
@@ -97,7 +96,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-out", type=int, help=f"part 1: most output tokens (default {FULL['max_out']})")
     ap.add_argument("--rate", type=float, help=f"part 1: Poisson arrival rate, requests/s (default {FULL['rate']})")
     ap.add_argument("--mbt", type=int, default=2048, help="part 1: engine max_batched_tokens (default 2048)")
-    ap.add_argument("--repeats", type=int, help=f"part 1: timed runs of ours and of HF's best (default {FULL['repeats']})")
+    ap.add_argument("--repeats", type=int,
+                    help=f"part 1: timed runs of ours and of HF's best (default {FULL['repeats']})")
     ap.add_argument("--hf-batches", help=f"part 1: HF batch sizes to try (default {FULL['hf_batches']})")
     ap.add_argument("--hf-experts", default="eager", help="HF experts implementation (default eager, "
                                                           "the faster one on CPU in engine_vs_hf)")
@@ -106,7 +106,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--long-len", type=int, help=f"part 2: long prompt tokens (default {FULL['long_len']})")
     ap.add_argument("--long-mbt", help=f"part 2: max_batched_tokens values (default {FULL['long_mbt']})")
     ap.add_argument("--shorts", type=int, help=f"part 2: short streams (default {FULL['shorts']})")
-    ap.add_argument("--short-tokens", type=int, help=f"part 2: max_tokens of a short request (default {FULL['short_tokens']})")
+    ap.add_argument("--short-tokens", type=int,
+                    help=f"part 2: max_tokens of a short request (default {FULL['short_tokens']})")
     ap.add_argument("--baseline-s", type=float, help=f"part 2: baseline window, seconds (default {FULL['baseline_s']})")
     ap.add_argument("--skip-hf", action="store_true", help="part 1 without HF (no ratio)")
     ap.add_argument("--no-hf-prefill", action="store_true",
@@ -123,13 +124,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-retries", type=int, default=2, help="re-runs of one contended run, at most")
     ap.add_argument("--quiet-wait-s", type=float, default=10.0,
                     help="before each run, wait up to this long for other processes to go quiet (0: never)")
-    ap.add_argument("--out", help="file name under bench/out/ (default serving_load.json, "
-                                  "serving_load-quick.json with --quick)")
+    ap.add_argument("--out", help="file name under bench/out/ (default engine_load.json, "
+                                  "engine_load-quick.json with --quick)")
     a = ap.parse_args()
     for k, v in (QUICK if a.quick else FULL).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
-    a.out = a.out or ("serving_load-quick.json" if a.quick else "serving_load.json")
+    a.out = a.out or ("engine_load-quick.json" if a.quick else "engine_load.json")
     a.hf_batches = [int(x) for x in a.hf_batches.split(",")]
     a.long_mbt = [int(x) for x in a.long_mbt.split(",")]
     return a
@@ -203,7 +204,6 @@ async def stall_run(aeng: AsyncEngine, shorts: list[list[int]], short_tokens: in
     first token, or window_s without one. -> the short streams' inter-token times ending in the
     window, the long prompt's TTFT, and the finished short requests (prompt, ids)."""
     stop = asyncio.Event()
-    streams: list[list[float]] = [[] for _ in shorts]     # token times per client, one list per request
     per_req: list[list[list[float]]] = [[] for _ in shorts]
     finished: list[tuple[list[int], list[int]]] = []
     started = [asyncio.Event() for _ in shorts]
@@ -262,8 +262,8 @@ async def stall_run(aeng: AsyncEngine, shorts: list[list[int]], short_tokens: in
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     gaps = [b - a for reqs in per_req for times in reqs for a, b in zip(times, times[1:]) if t_submit < b <= t_end]
-    return {"gaps_s": gaps, "window_s": t_end - t_submit, "long_ttft_s": None if t_first is None else t_first - t_submit,
-            "finished": finished}
+    return {"gaps_s": gaps, "window_s": t_end - t_submit,
+            "long_ttft_s": None if t_first is None else t_first - t_submit, "finished": finished}
 
 
 def stall_figures(r: dict) -> dict:
@@ -278,11 +278,11 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     t_start = time.perf_counter()
-    machine = common.announce_machine("serving_load")
+    machine = common.announce_machine("engine_load")
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     runner = common.Runner(t_start, a.budget_s, a.max_retries, a.quiet_wait_s)
-    result: dict = {"benchmark": "serving_load", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine}
+    result: dict = {"benchmark": "engine_load", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine}
     checks: list[str] = []
     ok = True
     if not a.skip_serving:
@@ -294,15 +294,15 @@ def main() -> int:
     done = sum(not s.aborted for s in runner.all_samples)
     stopped = sum(s.aborted for s in runner.all_samples)
     if contended or stopped:
-        log(f"serving_load WARNING: {contended} of {done} completed runs shared the CPU with other processes, "
+        log(f"engine_load WARNING: {contended} of {done} completed runs shared the CPU with other processes, "
             f"{stopped} more were stopped and redone (figures use clean runs where one exists; all in the JSON)")
     total_s = time.perf_counter() - t_start
-    log(f"serving_load total_s={total_s:.0f}")
+    log(f"engine_load total_s={total_s:.0f}")
     result["check"] = {"ok": ok, "lines": checks}
     result["contended_runs"] = contended
     result["total_s"] = total_s
     path = common.write_json(a.out, result)
-    log(f"serving_load wrote {path}")
+    log(f"engine_load wrote {path}")
     return 0 if ok else 1
 
 
@@ -313,7 +313,7 @@ def part1(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
     mc = load_model_config(ckpt)
     prompts, outs, arrivals = workload(a, mc.vocab_size)
     out_tokens, prompt_tokens = sum(outs), sum(map(len, prompts))
-    log(f"serving_load part 1 workload: requests={len(prompts)} prompt_tokens={prompt_tokens} "
+    log(f"engine_load part 1 workload: requests={len(prompts)} prompt_tokens={prompt_tokens} "
         f"prompt_lens={min(map(len, prompts))}-{max(map(len, prompts))} outputs={min(outs)}-{max(outs)} "
         f"output_tokens={out_tokens} poisson_rate={a.rate}/s arrivals_over_s={arrivals[-1]:.1f} "
         f"model=bench max_batched_tokens={a.mbt}")
@@ -356,7 +356,7 @@ def part1(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
         transformers.utils.logging.disable_progress_bar()
         hf_model = common.load_hf(ckpt, a.hf_experts)
         common.hf_generate(hf_model, prompts[:2], [4, 4], 2)
-    log(f"serving_load setup_s={time.perf_counter() - t_start:.1f}")
+    log(f"engine_load setup_s={time.perf_counter() - t_start:.1f}")
 
     recs = runner.run("ours (part 1)", ours, ours_samples, log)
     for b in a.hf_batches:
@@ -365,7 +365,7 @@ def part1(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
         if out is not None:
             hf_out[b] = out
             med, k, clean = common.median_wall(hf_samples[b])
-            log(f"serving_load sweep hf batch={b} tokens_per_s={out_tokens / med:.1f}"
+            log(f"engine_load sweep hf batch={b} tokens_per_s={out_tokens / med:.1f}"
                 f"{'' if clean else ' (contended)'}")
     best_b = None
     if hf_out:
@@ -374,7 +374,7 @@ def part1(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
         best_b = min(pool, key=lambda b: figs[b][0])
     for r in range(a.repeats - 1):
         if runner.over_budget:
-            log(f"serving_load WARNING: time budget of {a.budget_s:.0f} s spent; no more repeats")
+            log(f"engine_load WARNING: time budget of {a.budget_s:.0f} s spent; no more repeats")
             break
         recs = runner.run(f"ours (part 1, repeat {r + 2})", ours, ours_samples, log) or recs
         if best_b is not None:
@@ -386,42 +386,45 @@ def part1(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
     done = [s for s in ours_samples if not s.aborted]
     clean = [f for s, f in zip(done, ours_runs) if not s.contended] or ours_runs
     fig = sorted(clean, key=lambda f: f["tokens_per_s"])[(len(clean) - 1) // 2]
-    log(f"serving_load ours tokens_per_s={fig['tokens_per_s']:.1f} ({fig['tokens']} output tokens in "
+    log(f"engine_load ours tokens_per_s={fig['tokens_per_s']:.1f} ({fig['tokens']} output tokens in "
         f"{fig['wall_s']:.1f} s from first arrival to last token; median of {len(clean)} runs"
         f"{'' if any(not s.contended for s in done) else ', contended'})")
     if arrivals[-1] > 0:
-        log(f"serving_load arrival_bound tokens_per_s={out_tokens / arrivals[-1]:.1f} (output tokens / arrival span: "
+        log(f"engine_load arrival_bound tokens_per_s={out_tokens / arrivals[-1]:.1f} (output tokens / arrival span: "
             f"the most any engine can show at rate {a.rate}/s)")
-    log(f"serving_load ours ttft_ms p50={ms(fig['ttft_p50_s'])} p99={ms(fig['ttft_p99_s'])} "
+    log(f"engine_load ours ttft_ms p50={ms(fig['ttft_p50_s'])} p99={ms(fig['ttft_p99_s'])} "
         f"tpot_ms p50={ms(fig['tpot_p50_s'])} p99={ms(fig['tpot_p99_s'])}")
-    log(f"serving_load ours steps: {fig['prefill_steps']} with prompt tokens took {fig['prefill_steps_s']:.1f} s, "
-        f"{fig['decode_steps']} decode-only took {fig['decode_steps_s']:.1f} s (median {ms(fig['decode_step_p50_s'])} ms)")
-    result["part1"] = {"model": "bench", "workload": {"requests": len(prompts), "prompt_lens": [len(p) for p in prompts],
+    log(f"engine_load ours steps: {fig['prefill_steps']} with prompt tokens took {fig['prefill_steps_s']:.1f} s, "
+        f"{fig['decode_steps']} decode-only took {fig['decode_steps_s']:.1f} s "
+        f"(median {ms(fig['decode_step_p50_s'])} ms)")
+    result["part1"] = {"model": "bench", "workload": {"requests": len(prompts),
+                                                      "prompt_lens": [len(p) for p in prompts],
                                                       "outputs": outs, "arrivals_s": arrivals, "rate": a.rate,
                                                       "seed": a.seed, "prompt_tokens": prompt_tokens,
                                                       "output_tokens": out_tokens},
                        "ours": {"max_batched_tokens": a.mbt, "kv_cache_bytes": kv_bytes, "figure": fig,
                                 "runs": ours_runs, "samples": ours_samples,
-                                "preemptions": engine.scheduler.num_preemptions}}
+                                "preemptions": engine.num_preemptions}}
     if best_b is not None:
         med, k, clean_hf = common.median_wall(hf_samples[best_b])
         hf_tps = out_tokens / med
         ratio = fig["tokens_per_s"] / hf_tps
-        log(f"serving_load hf best batch={best_b} experts={a.hf_experts} tokens_per_s={hf_tps:.1f} "
+        log(f"engine_load hf best batch={best_b} experts={a.hf_experts} tokens_per_s={hf_tps:.1f} "
             f"({out_tokens} output tokens in {med:.1f} s; median of {k} runs{'' if clean_hf else ', contended'})")
-        log(f"serving_load ratio={ratio:.2f} (ours / HF best; target >= {TARGET_RATIO}: "
+        log(f"engine_load ratio={ratio:.2f} (ours / HF best; target >= {TARGET_RATIO}: "
             f"{'met' if ratio >= TARGET_RATIO else 'NOT met'})")
         if not a.no_hf_prefill:
             pre_s: list[common.Sample] = []
             runner.run(f"hf batch={best_b} prefill only (1 output token each)",
-                       lambda abort: common.hf_generate(hf_model, prompts, [1] * len(prompts), best_b, abort), pre_s, log)
+                       lambda abort: common.hf_generate(hf_model, prompts, [1] * len(prompts), best_b, abort),
+                       pre_s, log)
             pmed, _, pclean = common.median_wall(pre_s)
-            log(f"serving_load hf batch={best_b} prefill only: {pmed:.1f} s of its {med:.1f} s "
+            log(f"engine_load hf batch={best_b} prefill only: {pmed:.1f} s of its {med:.1f} s "
                 f"({prompt_tokens} prompt tokens; padded to the longest prompt of each batch)"
                 f"{'' if pclean else ' (contended)'}")
             result["part1"]["hf_prefill_only"] = {"batch": best_b, "median_s": pmed, "samples": pre_s}
         same = sum(x == y for x, y in zip((r["ids"] for r in recs), hf_out[best_b]))
-        log(f"serving_load info: ours equal to HF's batched output for {same}/{len(prompts)} requests "
+        log(f"engine_load info: ours equal to HF's batched output for {same}/{len(prompts)} requests "
             f"(HF pads; fp32 rounding may differ)")
         result["part1"]["hf"] = {"best_batch": best_b, "experts_impl": a.hf_experts, "tokens_per_s": hf_tps,
                                  "median_s": med, "runs_in_median": k, "uncontended": clean_hf,
@@ -436,7 +439,7 @@ def part1(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
             loop.run_until_complete(serve(aeng, prompts, outs, arrivals))
             wall_s = time.perf_counter() - t0
         breakdown = op_profile.breakdown(prof, wall_s)
-        for line in op_profile.lines("serving_load profile", breakdown):
+        for line in op_profile.lines("engine_load profile", breakdown):
             log(line)
         result["part1"]["profile_s"] = breakdown
 
@@ -449,10 +452,11 @@ def part1(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
                                                                               ignore_eos=True)))
         alone_ok += d.token_ids == recs[i]["ids"]
     lengths_ok = all(len(r["ids"]) == outs[i] for i, r in enumerate(recs))
-    blocks_ok = engine.blocks.num_free == engine.blocks.num_blocks
+    blocks_ok = engine.blocks_all_free
     ok = alone_ok == len(pick) and lengths_ok and blocks_ok
-    checks.append(f"part 1: {alone_ok}/{len(pick)} requests (prompts of {', '.join(str(len(prompts[i])) for i in pick)} "
-                  f"tokens) streamed = alone; every request got its tokens: {lengths_ok}; KV blocks returned: {blocks_ok}")
+    lens = ", ".join(str(len(prompts[i])) for i in pick)
+    checks.append(f"part 1: {alone_ok}/{len(pick)} requests (prompts of {lens} tokens) streamed = alone; "
+                  f"every request got its tokens: {lengths_ok}; KV blocks returned: {blocks_ok}")
     loop.run_until_complete(aeng.close())
     return ok
 
@@ -469,7 +473,7 @@ def part2(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
     g = torch.Generator().manual_seed(a.seed + 3)
     long_prompt = [1] + torch.randint(3, lmc.vocab_size, (a.long_len - 1,), generator=g).tolist()
     shorts = common.random_prompts(a.shorts, 64, 64, lmc.vocab_size, a.seed + 4)
-    log(f"serving_load part 2: {a.shorts} short streams (64-token prompts, max_tokens {a.short_tokens}, "
+    log(f"engine_load part 2: {a.shorts} short streams (64-token prompts, max_tokens {a.short_tokens}, "
         f"re-sent when done) + one {a.long_len}-token prompt; model: {lname} (hidden {lmc.hidden_size}, "
         f"{lmc.num_hidden_layers} layers, {lmc.num_attention_heads} heads x {lmc.dim_head}, "
         f"{lmc.num_key_value_heads} KV heads)")
@@ -486,7 +490,7 @@ def part2(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
         for label, lp in (("baseline", None), ("long", long_prompt)):
             samples: list[common.Sample] = []
             out = runner.run(f"part 2 max_batched_tokens={mbt} {label}",
-                             lambda abort, lp=lp: loop.run_until_complete(
+                             lambda abort, lp=lp, ae2=ae2: loop.run_until_complete(
                                  stall_run(ae2, shorts, a.short_tokens, lp, a.baseline_s, abort)), samples, log)
             res[label] = {**stall_figures(out), "samples": samples,
                           "uncontended": any(not s.contended and not s.aborted for s in samples)}
@@ -496,11 +500,11 @@ def part2(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
         res["ratio_p99"] = stall
         p2["by_max_batched_tokens"][str(mbt)] = res
         note = "" if b["uncontended"] and l["uncontended"] else " (contended: other processes were busy)"
-        log(f"serving_load long_prefill max_batched_tokens={mbt}: short ITL_ms p50={ms(l['itl_p50_s'])} "
+        log(f"engine_load long_prefill max_batched_tokens={mbt}: short ITL_ms p50={ms(l['itl_p50_s'])} "
             f"p99={ms(l['itl_p99_s'])} max={ms(l['itl_max_s'])} during the prefill vs baseline p50="
             f"{ms(b['itl_p50_s'])} p99={ms(b['itl_p99_s'])}; p99 ratio={stall:.2f} (target <= {TARGET_STALL}: "
             f"{'met' if stall <= TARGET_STALL else 'NOT met'}); long prompt TTFT={l['long_ttft_s']:.1f} s{note}")
-        blocks2 = eng2.blocks.num_free == eng2.blocks.num_blocks
+        blocks2 = eng2.blocks_all_free
         ok &= blocks2
         loop.run_until_complete(ae2.close())
         del ae2, eng2
@@ -516,7 +520,7 @@ def part2(a, loop, runner: common.Runner, result: dict, checks: list[str]) -> bo
     bl = res_by[best]
     why = "of those meeting the target, the shortest long-prompt TTFT" if meeting else \
         "none meets the target: the smallest stall"
-    log(f"serving_load long_prefill chosen max_batched_tokens={best} ({why}): p99 ratio="
+    log(f"engine_load long_prefill chosen max_batched_tokens={best} ({why}): p99 ratio="
         f"{bl['ratio_p99']:.2f} (target <= {TARGET_STALL}: {'met' if bl['ratio_p99'] <= TARGET_STALL else 'NOT met'}), "
         f"long prompt TTFT {bl['long']['long_ttft_s']:.1f} s")
     # Check: two finished short requests alone.

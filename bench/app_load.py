@@ -21,7 +21,7 @@ What it measures
     Throughputs are medians over --repeats runs; TTFT and TPOT percentiles are over the
     requests of every counted run pooled.
 
-    served      the app: `tests/serve_app.running_app` on a local loopback Ray cluster (the
+    served      the app: `cluster.tools.harness.running_app` on a local loopback Ray cluster (the
                 default AppConfig: Frontend ingress + 1 Attention replica + 2 expert groups
                 of 4 whole experts each, replicas talking gRPC; expert autoscaling off, so
                 one replica per group as on bare-grpc, unless --autoscale); or an app already running
@@ -62,9 +62,9 @@ Correctness check
     mismatch (and on any error under load).
 
 Run
-    .venv/bin/python bench/serve_load.py            # the full run, about 4-5 min on 2 cores
-    .venv/bin/python bench/serve_load.py --quick    # smoke run, under a minute
-    .venv/bin/python bench/serve_load.py --url http://127.0.0.1:8000 --model PATH   # a running app
+    .venv/bin/python -m bench.app_load            # the full run, about 4-5 min on 2 cores
+    .venv/bin/python -m bench.app_load --quick    # smoke run, under a minute
+    .venv/bin/python -m bench.app_load --url http://127.0.0.1:8000 --model PATH   # a running app
 """
 
 from __future__ import annotations
@@ -77,7 +77,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import contextlib  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -86,17 +85,17 @@ import warnings  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (also puts the repo root on sys.path)
-
 import torch  # noqa: E402
 
 from attention_service.async_engine import AsyncEngine  # noqa: E402
-from attention_service.sampling_params import SamplingParams  # noqa: E402
-from cluster.api.backend import token_text  # noqa: E402
-from mixtral.config import load_model_config  # noqa: E402
 from attention_service.config import EngineConfig  # noqa: E402
-from cluster.local import build_engine, connect_engine, split_experts  # noqa: E402
+from attention_service.loader import connect_engine  # noqa: E402
+from attention_service.sampling_params import SamplingParams  # noqa: E402
+from bench import common  # noqa: E402
+from cluster.api.backend import token_text  # noqa: E402
+from cluster.local import build_engine  # noqa: E402
+from mixtral.config import load_model_config  # noqa: E402
+from router.dispatch import split_experts  # noqa: E402
 
 TARGET_RATIO = 0.7
 GROUPS = 2            # the app's default: whole experts dealt round-robin into 2 groups
@@ -138,11 +137,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--skip-grpc", action="store_true", help="no bare-grpc side")
     ap.add_argument("--budget-s", type=float, default=240.0,
                     help="no re-runs of contended runs once this many seconds have passed")
-    ap.add_argument("--max-retries", type=int, help=f"re-runs of one contended run, at most (default {FULL['max_retries']})")
+    ap.add_argument("--max-retries", type=int,
+                    help=f"re-runs of one contended run, at most (default {FULL['max_retries']})")
     ap.add_argument("--quiet-wait-s", type=float,
                     help=f"before each run, wait up to this long for other processes to go quiet (0: never; "
                          f"default {FULL['quiet_wait_s']:.0f})")
-    ap.add_argument("--out", default="serve_load.json", help="file name under bench/out/")
+    ap.add_argument("--out", default="app_load.json", help="file name under bench/out/")
     a = ap.parse_args()
     for k, v in (QUICK if a.quick else FULL).items():
         if getattr(a, k) is None:
@@ -445,14 +445,14 @@ def side_figures(runs: list[dict]) -> dict:
 def report(side: str, f: dict) -> None:
     tag = "" if f["uncontended"] else " (contended: other processes were busy)"
     runs = f"median of {f['runs_in_median']} runs"
-    print(f"serve_load {side} requests_per_s={f['requests_per_s']:.2f} ({runs}){tag}")
-    print(f"serve_load {side} output_tokens_per_s={f['tokens_per_s']:.1f} ({runs}){tag}")
-    print(f"serve_load {side} ttft_p50_ms={f['ttft_p50_ms']:.0f} ttft_p99_ms={f['ttft_p99_ms']:.0f} "
+    print(f"app_load {side} requests_per_s={f['requests_per_s']:.2f} ({runs}){tag}")
+    print(f"app_load {side} output_tokens_per_s={f['tokens_per_s']:.1f} ({runs}){tag}")
+    print(f"app_load {side} ttft_p50_ms={f['ttft_p50_ms']:.0f} ttft_p99_ms={f['ttft_p99_ms']:.0f} "
           f"(over {f['timed_requests']} requests)")
-    print(f"serve_load {side} tpot_p50_ms={f['tpot_p50_ms']:.1f} tpot_p99_ms={f['tpot_p99_ms']:.1f}")
-    print(f"serve_load {side} errors={f['errors']}")
+    print(f"app_load {side} tpot_p50_ms={f['tpot_p50_ms']:.1f} tpot_p99_ms={f['tpot_p99_ms']:.1f}")
+    print(f"app_load {side} errors={f['errors']}")
     parts = ", ".join(f"{k} {v:.2f}" for k, v in f["cpu_ms_per_token"].items())
-    print(f"serve_load {side} cpu_ms_per_output_token: {parts} (cores busy {f['cores_busy']:.2f})", flush=True)
+    print(f"app_load {side} cpu_ms_per_output_token: {parts} (cores busy {f['cores_busy']:.2f})", flush=True)
 
 
 async def warm_up(send, mix, clients: int) -> list[Record]:
@@ -503,7 +503,7 @@ async def grpc_side(a, ckpt, mix, runner: Runner, addresses: list[str]) -> tuple
     try:
         return await bare_side(a, engine, tok, mix, runner, "bare-grpc")
     finally:
-        await engine.runner.transport.close()
+        await engine.close()
 
 
 def errors_of(warm: list[Record]) -> int:
@@ -525,10 +525,10 @@ def main() -> int:
         ckpt = common.checkpoint(a.preset)
     mc = load_model_config(ckpt)
     mix = make_mix(a, mc.vocab_size)
-    machine = common.announce_machine("serve_load")
-    print(f"serve_load model: {ckpt} (hidden {mc.hidden_size}, {mc.num_hidden_layers} layers, "
+    machine = common.announce_machine("app_load")
+    print(f"app_load model: {ckpt} (hidden {mc.hidden_size}, {mc.num_hidden_layers} layers, "
           f"{mc.num_local_experts} experts top-{mc.num_experts_per_tok}, vocab {mc.vocab_size})")
-    print(f"serve_load workload: clients={a.clients} window_s={a.seconds:g} ramp_s={a.ramp_s:g} repeats={a.repeats} "
+    print(f"app_load workload: clients={a.clients} window_s={a.seconds:g} ramp_s={a.ramp_s:g} repeats={a.repeats} "
           f"mix={len(mix)} prompt_lens={a.min_len}-{a.max_len} max_tokens={a.min_new}-{a.max_new} greedy ignore_eos",
           flush=True)
 
@@ -539,7 +539,7 @@ def main() -> int:
                                                                       ignore_eos=True)))
     reference = [(p, s.output_ids) for p, s in zip(check_prompts, seqs)]
     # Fresh KV blocks after the reference batch: none should be left held.
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.blocks_all_free
 
     runs: dict[str, list[dict]] = {}
     warm_errors: dict[str, int] = {}
@@ -552,8 +552,7 @@ def main() -> int:
         runs["served"], check, warm = asyncio.run(served_side(a, a.url.rstrip("/"), mix, reference, tok, runner))
         app_info = {"url": a.url, "started_here": False}
     else:
-        sys.path.insert(0, str(common.REPO / "tests"))
-        from serve_app import running_app
+        from cluster.tools.harness import running_app
 
         groups = [{"experts": e, "num_cpus": a.replica_cpus} for e in split_experts(mc.num_local_experts, GROUPS)]
         attention = {"num_cpus": a.replica_cpus, "engine": {"micro_batches": a.micro_batches}}
@@ -564,15 +563,16 @@ def main() -> int:
                          autoscaling={"enabled": a.autoscale}) as (cfg, url, _):
             app_info = {"started_here": True, "setup_s": time.perf_counter() - t, "groups": cfg.groups,
                         "attention": {"replicas": cfg.attention.replicas, "num_cpus": cfg.attention.num_cpus}}
-            print(f"serve_load app up in {app_info['setup_s']:.1f} s at {url}", flush=True)
+            print(f"app_load app up in {app_info['setup_s']:.1f} s at {url}", flush=True)
             runs["served"], check, warm = asyncio.run(served_side(a, url, mix, reference, tok, runner))
             # Said, so that a figure taken with --autoscale shows the layout it ran on.
             from ray import serve
 
             app_info["expert_replicas"] = {
                 name: d.replica_states.get("RUNNING", 0)
-                for name, d in serve.status().applications[cfg.name].deployments.items() if name.startswith("ExpertGroup-")}
-            print("serve_load served expert replicas at the end: "
+                for name, d in serve.status().applications[cfg.name].deployments.items()
+                if name.startswith("ExpertGroup-")}
+            print("app_load served expert replicas at the end: "
                   + ", ".join(f"{n} {c}" for n, c in sorted(app_info["expert_replicas"].items())), flush=True)
         t = time.perf_counter()
     warm_errors["served"] = errors_of(warm)
@@ -581,7 +581,7 @@ def main() -> int:
     if not a.skip_bare:
         runs["bare"], warm = asyncio.run(bare_side(a, engine, tok, mix, runner, "bare"))
         warm_errors["bare"] = errors_of(warm)
-        blocks_ok = engine.blocks.num_free == engine.blocks.num_blocks
+        blocks_ok = engine.blocks_all_free
         del engine
         if not a.skip_grpc:
             from expert_service.launcher import start_shards, stop_shards
@@ -611,18 +611,18 @@ def main() -> int:
 
     if "bare-grpc" in figs:
         split_s = figs["served"]["tokens_per_s"] / figs["bare-grpc"]["tokens_per_s"]
-        print(f"serve_load ratio serve_and_http served/bare-grpc output_tokens_per_s={split_s:.2f} (target >= "
+        print(f"app_load ratio serve_and_http served/bare-grpc output_tokens_per_s={split_s:.2f} (target >= "
               f"{TARGET_RATIO}: {'met' if split_s >= TARGET_RATIO else 'NOT met'}){ctag('served', 'bare-grpc')}")
     if "bare" in figs:
         ratio = figs["served"]["tokens_per_s"] / figs["bare"]["tokens_per_s"]
-        print(f"serve_load info served/bare output_tokens_per_s={ratio:.2f}{ctag('served', 'bare')}")
+        print(f"app_load info served/bare output_tokens_per_s={ratio:.2f}{ctag('served', 'bare')}")
     if "bare-grpc" in figs:
         split_d = figs["bare-grpc"]["tokens_per_s"] / figs["bare"]["tokens_per_s"]
-        print(f"serve_load info disaggregation bare-grpc/bare={split_d:.2f}{ctag('bare-grpc', 'bare')}")
+        print(f"app_load info disaggregation bare-grpc/bare={split_d:.2f}{ctag('bare-grpc', 'bare')}")
     all_runs = [r for rr in runs.values() for r in rr]
     contended = sum(r["contended"] for r in all_runs)
     if contended:
-        print(f"serve_load WARNING: {contended} of {len(all_runs)} runs shared the CPU with other processes "
+        print(f"app_load WARNING: {contended} of {len(all_runs)} runs shared the CPU with other processes "
               f"(left out of the medians where a clean run exists; all in the JSON)")
     errors = sum(f["errors"] for f in figs.values()) + sum(warm_errors.values())
     ok = check["ok"] and errors == 0 and blocks_ok
@@ -637,13 +637,13 @@ def main() -> int:
                     print(f"  error ({side}): {rec.error}")
                     break
     total_s = time.perf_counter() - t_start
-    print(f"serve_load total_s={total_s:.0f}")
+    print(f"app_load total_s={total_s:.0f}")
 
     def slim(r: dict) -> dict:
         return {k: v for k, v in r.items() if k not in ("records", "ttft_s", "tpot_s")} | {
             "errors_seen": sorted({rec.error for rec in r["records"] if rec.error})[:5]}
     path = common.write_json(a.out, {
-        "benchmark": "serve_load", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine,
+        "benchmark": "app_load", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine,
         "checkpoint": str(ckpt), "model": {"hidden": mc.hidden_size, "layers": mc.num_hidden_layers,
                                            "experts": mc.num_local_experts, "top_k": mc.num_experts_per_tok,
                                            "vocab": mc.vocab_size},
@@ -657,7 +657,7 @@ def main() -> int:
         "check": check | {"ok": ok, "errors_under_load": errors, "kv_blocks_all_returned": blocks_ok},
         "contended_runs": contended, "total_s": total_s,
     })
-    print(f"serve_load wrote {path.relative_to(common.REPO)}")
+    print(f"app_load wrote {path.relative_to(common.REPO)}")
     return 0 if ok else 1
 
 
