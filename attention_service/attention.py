@@ -9,8 +9,7 @@ gathered whole blocks at a time and padded to its bucket's longest. Buckets are 
 (_DECODE_BUCKET_SLOTS): padding every context of a step to the longest would gather ~1.7x
 the real context on the benchmark's 41-566 spread (and a 100-token context padded to a 64K
 one would cost a 64K gather), and on CPU a few small gathers that stay in cache beat one
-big one even without padding (64 contexts of 1000-1100 tokens: 4.9 ms in buckets of 4096
-slots, 27 ms in one). Each prefill chunk runs on its own: causal over its own K/V, and when
+big one even without padding. Each prefill chunk runs on its own: causal over its own K/V, and when
 tokens are cached before it, those too (after_cached).
 
 On CPU in fp32, both go instead to kernels of our own (attention_service/cpu_kernels.py)

@@ -12,7 +12,7 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # "auto": the checkpoint's dtype on CPU, bfloat16 on GPU.
     dtype: str = "auto"
     # KV cache block, in tokens. 32 on CPU: the decode kernel streams the benchmark model's
-    # 16 KiB blocks ~25% faster than 8 KiB ones. GPU plans (`moe-serve plan`) write 16.
+    # 16 KiB blocks faster than 8 KiB ones (docs/benchmarks.md). GPU plans (`moe-serve plan`) write 16.
     block_size: int = 32
     # KV cache size in bytes; unset on GPU means kv_cache_fraction of the memory left after weights.
     kv_cache_bytes: int | None = None

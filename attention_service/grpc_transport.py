@@ -143,60 +143,67 @@ class GrpcTransport:
 
     async def _slice(self, layer: int, y: torch.Tensor, b: GroupBatch, s: int, e: int,
                      replica: Replica) -> torch.Tensor:
-        request = codec.pack(pb.ExpertBatch(batch_id=next(self._ids), layer=layer),
+        # One client span covers the slice, failovers included; its context rides in the batch.
+        span, carrier = self._span(layer, b.group, e - s)
+        request = codec.pack(pb.ExpertBatch(batch_id=next(self._ids), layer=layer, trace_context=carrier),
                              hidden=y[b.rows[s:e]], expert_ids=b.expert_ids[s:e], weights=b.weights[s:e])
         tried = []
-        while True:
-            tried.append(replica.address)
-            span, metadata = self._span(layer, b.group, e - s, replica.address)
-            t0 = time.perf_counter()
-            try:
-                msg, tensors = await replica.forward(request, timeout=self.timeout, metadata=metadata)
-            except grpc.aio.AioRpcError as err:
-                if span is not None:
-                    span.set_status(trace.StatusCode.ERROR, err.code().name)
-                    span.end()
-                if err.code() not in _REPLICA_FAILURES:
-                    raise RuntimeError(f"expert group {b.group} at {replica.address} refused layer {layer} "
-                                       f"batch: {err.code().name}: {err.details()}") from None
-                replica.down_until = time.monotonic() + self.retry_after
-                self.stats.failovers += 1
-                log.warning("expert replica %s of group %d failed (%s: %s); retrying elsewhere",
-                            replica.address, b.group, err.code().name, err.details())
-                others = [r for r in self.live(b.group) if r.address not in tried]
-                if not others:
-                    raise ExpertGroupUnavailable(f"expert group {b.group} has no live replica "
-                                                 f"(tried {', '.join(tried)})") from None
-                replica = others[0]
-                continue
-            seconds = time.perf_counter() - t0
+        try:
+            while True:
+                tried.append(replica.address)
+                t0 = time.perf_counter()
+                try:
+                    msg, tensors = await replica.forward(request, timeout=self.timeout)
+                    break
+                except grpc.aio.AioRpcError as err:
+                    if span is not None:
+                        span.add_event("replica failed", {"server.address": replica.address,
+                                                          "rpc.grpc.status_code": err.code().name})
+                    if err.code() not in _REPLICA_FAILURES:
+                        raise RuntimeError(f"expert group {b.group} at {replica.address} refused layer {layer} "
+                                           f"batch: {err.code().name}: {err.details()}") from None
+                    replica.down_until = time.monotonic() + self.retry_after
+                    self.stats.failovers += 1
+                    log.warning("expert replica %s of group %d failed (%s: %s); retrying elsewhere",
+                                replica.address, b.group, err.code().name, err.details())
+                    others = [r for r in self.live(b.group) if r.address not in tried]
+                    if not others:
+                        raise ExpertGroupUnavailable(f"expert group {b.group} has no live replica "
+                                                     f"(tried {', '.join(tried)})") from None
+                    replica = others[0]
+        except Exception as err:
             if span is not None:
-                span.set_attribute("moe_serve.expert.compute_seconds", msg.compute_seconds)
+                span.set_status(trace.StatusCode.ERROR, type(err).__name__)
                 span.end()
-            st = self.stats
-            st.rpcs += 1
-            st.rows += e - s
-            st.rpc_seconds += seconds
-            st.per_replica_rows[replica.address] += e - s
-            st.per_group_bytes[(b.group, "sent")] += len(request)
-            st.per_group_bytes[(b.group, "received")] += tensors["output"].numel() * tensors["output"].element_size()
-            attrs = {"group": str(b.group), "replica": replica.address}
-            _rpc.duration.record(seconds, attrs)
-            _rpc.rows.record(e - s, attrs)
-            return tensors["output"]
+            raise
+        seconds = time.perf_counter() - t0
+        if span is not None:
+            span.set_attributes({"server.address": replica.address,
+                                 "moe_serve.expert.compute_seconds": msg.compute_seconds})
+            span.end()
+        st = self.stats
+        st.rpcs += 1
+        st.rows += e - s
+        st.rpc_seconds += seconds
+        st.per_replica_rows[replica.address] += e - s
+        st.per_group_bytes[(b.group, "sent")] += len(request)
+        st.per_group_bytes[(b.group, "received")] += tensors["output"].numel() * tensors["output"].element_size()
+        attrs = {"group": str(b.group), "replica": replica.address}
+        _rpc.duration.record(seconds, attrs)
+        _rpc.rows.record(e - s, attrs)
+        return tensors["output"]
 
-    def _span(self, layer: int, group: int, rows: int, address: str):
-        """A client span for the RPC and its context as gRPC metadata, when the step is traced."""
+    def _span(self, layer: int, group: int, rows: int):
+        """A client span for the slice and its context as W3C headers, when the step is traced."""
         if not trace.get_current_span().is_recording():
             return None, None
         span = _tracer.start_span(
             "moe_serve.expert.forward", kind=trace.SpanKind.CLIENT,
             attributes={"moe_serve.layer": layer, "moe_serve.group": group, "moe_serve.rows": rows,
-                        "rpc.system": "grpc", "server.address": address})
-        with trace.use_span(span, end_on_exit=False):
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)
-            return span, tuple(carrier.items())
+                        "rpc.system": "grpc"})
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        return span, carrier
 
     async def close(self) -> None:
         await asyncio.gather(*(r.channel.close() for rs in self.replicas for r in rs))

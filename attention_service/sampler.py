@@ -7,11 +7,12 @@ top-p, and drawn by inverse CDF with one uniform from a generator seeded by (req
 tokens generated so far): a request's output depends on its seed only, never on what else
 shares the batch.
 
-Nothing here sorts the vocabulary when it can be avoided (a [64, 32000] sort is ~40 ms on
-a CPU core, longer than the model's step): rows without a cut sample from the softmax as
-it is, and rows with a cut sample among their top C candidates (C = their largest top-k,
-or _TOP_P_CANDIDATES for a top-p cut, widened to the whole vocabulary only for a row whose
-top C does not hold top_p of the mass). Both give exactly the distribution the cuts define.
+Nothing here sorts the vocabulary when it can be avoided (on a CPU, sorting a batch's
+vocabularies takes longer than the model's step; docs/benchmarks.md): rows without a cut
+sample from the softmax as it is, and rows with a cut sample among their top C candidates
+(C = their largest top-k, or _TOP_P_CANDIDATES for a top-p cut, widened to the whole
+vocabulary only for a row whose top C does not hold top_p of the mass). Both give exactly
+the distribution the cuts define.
 """
 
 import torch

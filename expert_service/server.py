@@ -162,11 +162,11 @@ class ExpertShardServicer:
             batch = self._prepare(request)
         except BadBatch as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        metadata = context.invocation_metadata()
-        if metadata and any(k == "traceparent" for k, _ in metadata):
+        if batch[0].trace_context:
             # The sender's step is traced: this batch's compute joins the request's trace.
             with _tracer.start_as_current_span(
-                    "moe_serve.expert.compute", context=propagate.extract(dict(metadata)), kind=trace.SpanKind.SERVER,
+                    "moe_serve.expert.compute", context=propagate.extract(dict(batch[0].trace_context)),
+                    kind=trace.SpanKind.SERVER,
                     attributes={"moe_serve.layer": batch[0].layer, "moe_serve.rows": int(batch[1].shape[0]),
                                 "moe_serve.shard": self.shard_id}):
                 return await self._result(batch[0].batch_id, self._submit(batch), context)

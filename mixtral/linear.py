@@ -18,9 +18,8 @@ def _onednn_ok(w: torch.Tensor) -> bool:
 def pack_linear(w: torch.Tensor) -> torch.Tensor:
     """w [N, Kin] -> the weight `linear` takes.
 
-    torch sends fp32 CPU matmuls to MKL, which runs 2-3x below oneDNN on the same shapes on
-    the AMD EPYC we benchmark on (a 2048^3 sgemm: 186 GFLOP/s in MKL; the model's shapes:
-    ~450 in oneDNN, e.g. a decode step's lm_head, 32 rows, 9.7 -> 3.6 ms). oneDNN wants the
+    torch sends fp32 CPU matmuls to MKL, which runs well below oneDNN on the same shapes on
+    the AMD EPYC we benchmark on (docs/benchmarks.md, engine against HF). oneDNN wants the
     weight reordered into its blocked layout, done once here, so the dense copy can be
     dropped. Still fp32 throughout, only the order of the sums changes. Anything else is
     returned as is: bf16 already goes to oneDNN inside torch, and GPUs have their own BLAS.
@@ -30,11 +29,11 @@ def pack_linear(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
 
 
-# oneDNN builds a kernel for each new row count, ~1 ms for a few hundred rows, and a step
+# oneDNN builds a kernel for each new row count (about a millisecond), and a step
 # of prompt chunks brings row counts never seen before to every matmul (the step's tokens,
 # each expert's share). Row counts from _PAD_FROM up are rounded up to a multiple of
 # _PAD_TO, so a few dozen kernels serve them all, at the price of at most _PAD_TO - 1
-# padding rows (<= 12%, ~3% on average). Smaller counts (decode steps) repeat step after
+# padding rows (at most 12% more rows). Smaller counts (decode steps) repeat step after
 # step and are left as they are.
 _PAD_FROM, _PAD_TO = 128, 16
 

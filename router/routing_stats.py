@@ -3,7 +3,7 @@
 Shapes: T tokens, K top-k, L layers, E experts, G groups.
 
 Counts are cumulative (token, expert) pairs per layer and expert, kept on the device the
-router runs on and added to with one bincount per layer, so a step pays no host sync;
+router runs on and added to with one index_add per layer, so a step pays no host sync;
 they are read (and moved to the host) only when someone asks.
 """
 

@@ -1,4 +1,4 @@
-"""The placement planner: its sizes against DESIGN.md §1, its invariants, its command line."""
+"""The placement planner: its sizes against the published Mixtral figures, its invariants, its command line."""
 
 import collections
 import math
@@ -14,7 +14,7 @@ from cluster.tools.plan import GiB, PlanError, chart_values, make_plan, parse_si
 from mixtral.config import preset
 
 KiB = 1024
-# DESIGN.md §1, bf16: one expert over all layers, all experts, attention side (GB), KV per token.
+# Published Mixtral sizes, bf16: one expert over all layers, all experts, attention side (GB), KV per token.
 TABLE = {
     "mixtral-8x7b": dict(expert=11.3e9, experts=90e9, attention=3.2e9, kv=128 * KiB),
     "mixtral-8x22b": dict(expert=33.8e9, experts=271e9, attention=10.7e9, kv=224 * KiB),

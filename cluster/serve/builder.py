@@ -34,7 +34,7 @@ SERVE_FLAGS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN
 # Helm chart for every pod). Ray starts its workers at nice 15, below its own processes and
 # anything else on the machine; here the workers are the server's data path (each token
 # crosses the Attention and expert processes several times per step), so they run at the
-# ordinary priority: on app_load, 2 shared cores, served tokens/s ~157 -> ~190.
+# ordinary priority (docs/benchmarks.md, served through Ray Serve).
 RAY_ENV = {**SERVE_FLAGS, "RAY_worker_niceness": "0"}
 
 

@@ -5,8 +5,8 @@
 Every GPU holds one replica: an attention replica (attention, embeddings, lm_head and a KV
 cache) or an expert-group replica (whole experts across all layers, or, when one expert
 does not fit, one expert over a range of layers). Sizes come from `ModelConfig`'s
-parameter counts, so the planner and DESIGN.md §1 agree by construction; the tests hold
-them to that table. `headroom` is the share of each GPU left out of the plan: the CUDA
+parameter counts, so the planner and the published Mixtral sizes agree by construction; the tests hold
+them to those figures. `headroom` is the share of each GPU left out of the plan: the CUDA
 context, activations and allocator slack live there.
 """
 
