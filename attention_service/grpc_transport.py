@@ -1,14 +1,19 @@
 """Expert groups over gRPC: the attention side's client for ExpertShard.
 
-Per layer, one Forward RPC per expert group touched (more when a group's rows are spread
-over several replicas), all in flight at once. Tensors go through the codec's fast path:
-one copy into the request bytes, none out of the reply.
+Per layer, one batch per expert group touched (more when a group's rows are spread over
+several replicas), all in flight at once. Each batch travels on the long-lived
+ForwardStream this process keeps to each replica (one per connection), matched to its
+result by batch id: a call per batch costs several times more at these message sizes
+(docs/wire.md). Tensors go through the codec's fast path: one copy into the request
+bytes, none out of the reply, and a DeviceCopier on each side moves them between host
+memory and the device (the results land on the device of the hidden state sent).
+With `wire_dtype="fp8"` the rows travel as e4m3 with one scale per row (protos/wire_fp8.py).
 
-A replica that fails (connection lost, deadline passed) is set aside for `retry_after`
-seconds and its rows are sent to another replica of the group; the step, and so every
-request in it, goes on with the same result. A group with no live replica fails the step
-with an error that names it. Errors that say the batch itself is bad (INVALID_ARGUMENT)
-are not replica failures and are raised at once.
+A replica that fails (connection lost, deadline passed, a batch it could not compute) is
+set aside for `retry_after` seconds and its rows are sent to another replica of the
+group; the step, and so every request in it, goes on with the same result. A group with
+no live replica fails the step with an error that names it. A batch the shard refuses
+(INVALID_ARGUMENT) is not a replica failure and is raised at once.
 """
 
 import asyncio
@@ -25,7 +30,9 @@ from opentelemetry import metrics, propagate, trace
 
 from protos import codec
 from protos import expert_pb2 as pb
-from protos.channel import FORWARD, INFO, channel_options
+from protos.channel import FORWARD_STREAM, INFO, REVISION, channel_options
+from protos.device_copy import DeviceCopier
+from protos.wire_fp8 import quantize_rows
 from router.dispatch import GroupBatch, Placement
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,7 @@ _tracer = trace.get_tracer(__name__)
 # Expert RPCs are sub-millisecond on GPUs and tens of milliseconds on a busy CPU.
 RPC_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
 ROWS_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+WIRE_DTYPES = ("model", "fp8")
 
 
 @dataclass(frozen=True)
@@ -57,26 +65,113 @@ _rpc = RpcInstruments.on(metrics.get_meter(__name__))
 
 _REPLICA_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
                      grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+_unpack_result = functools.partial(codec.unpack, pb.ExpertResult)
 
+
+def call_metadata() -> tuple[tuple[str, str], ...]:
+    """The gRPC metadata every call to an expert shard carries: the one place it is built."""
+    return ()
+
+
+class ShardCallError(Exception):
+    """One batch's call failed: the status code and message, whether from gRPC or the shard."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
 
 
 class ExpertGroupUnavailable(RuntimeError):
     """No live replica of an expert group: the step cannot be computed."""
 
 
-@dataclass
+class _Stream:
+    """One ForwardStream: batches written in turn, results matched to them by batch id."""
+
+    def __init__(self, channel: grpc.aio.Channel):
+        self.call = channel.stream_stream(FORWARD_STREAM, request_serializer=None,
+                                          response_deserializer=_unpack_result)(metadata=call_metadata())
+        self.pending: dict[int, asyncio.Future] = {}
+        self.failed: ShardCallError | None = None
+        self._write = asyncio.Lock()     # gRPC takes one message at a time per call
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for result in self.call:
+                fut = self.pending.pop(result[0].batch_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(result)
+            error = ShardCallError(grpc.StatusCode.UNAVAILABLE, "the shard closed the stream")
+        except grpc.aio.AioRpcError as e:
+            error = ShardCallError(e.code(), e.details() or "")
+        except asyncio.CancelledError:
+            error = ShardCallError(grpc.StatusCode.CANCELLED, "stream closed")
+        except codec.CodecError as e:
+            error = ShardCallError(grpc.StatusCode.INTERNAL, f"malformed result: {e}")
+        self.failed = error
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self.pending.clear()
+
+    async def forward(self, batch_id: int, request: bytes, timeout: float):
+        if self.failed is not None:
+            raise self.failed
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[batch_id] = fut
+        try:
+            async with self._write:
+                await self.call.write(request)
+            msg, tensors = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise ShardCallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no result after {timeout:.1f} s") from None
+        except grpc.aio.AioRpcError as e:
+            raise ShardCallError(e.code(), e.details() or "") from None
+        except asyncio.InvalidStateError:        # the call ended between our check and the write
+            raise self.failed or ShardCallError(grpc.StatusCode.UNAVAILABLE, "stream ended") from None
+        finally:
+            self.pending.pop(batch_id, None)
+        if msg.error_code:
+            raise ShardCallError(_CODES.get(msg.error_code, grpc.StatusCode.UNKNOWN), msg.error)
+        return msg, tensors
+
+    def close(self) -> None:
+        self.call.cancel()
+        self._reader.cancel()
+
+
+@dataclass(eq=False)
 class Replica:
+    """One replica of a group: `connections` channels (TCP connections), a stream on each."""
+
     address: str
-    channel: grpc.aio.Channel
-    forward: grpc.aio.UnaryUnaryMultiCallable
+    channels: list[grpc.aio.Channel]
     down_until: float = 0.0
+    _streams: list[_Stream | None] = field(default_factory=list)
+    _turn: itertools.count = field(default_factory=itertools.count)
 
     @classmethod
-    def open(cls, address: str) -> "Replica":
-        channel = grpc.aio.insecure_channel(address, options=channel_options())
-        forward = channel.unary_unary(FORWARD, request_serializer=None,
-                                      response_deserializer=functools.partial(codec.unpack, pb.ExpertResult))
-        return cls(address, channel, forward)
+    def open(cls, address: str, connections: int = 1) -> "Replica":
+        # A pool of its own per channel: channels with equal options would otherwise share one connection.
+        opts = channel_options() + ([("grpc.use_local_subchannel_pool", 1)] if connections > 1 else [])
+        channels = [grpc.aio.insecure_channel(address, options=opts) for _ in range(connections)]
+        return cls(address, channels, _streams=[None] * connections)
+
+    async def forward(self, batch_id: int, request: bytes, timeout: float):
+        """(ExpertResult, tensors) for one packed batch, on the next connection's stream."""
+        i = next(self._turn) % len(self.channels)
+        stream = self._streams[i]
+        if stream is None or stream.failed is not None:
+            stream = self._streams[i] = _Stream(self.channels[i])
+        return await stream.forward(batch_id, request, timeout)
+
+    async def close(self, grace: float | None = None) -> None:
+        for s in self._streams:
+            if s is not None:
+                s.close()
+        await asyncio.gather(*(ch.close(grace) for ch in self.channels))
 
 
 @dataclass(eq=False)
@@ -101,12 +196,21 @@ class WireStats:
 
 class GrpcTransport:
     def __init__(self, groups: list[list[str]], timeout: float = 30.0, retry_after: float = 5.0,
-                 min_rows_per_replica: int = 32):
-        """groups[g]: the addresses of group g's replicas."""
-        self.replicas: list[list[Replica]] = [[Replica.open(a) for a in addrs] for addrs in groups]
+                 min_rows_per_replica: int = 32, wire_dtype: str = "model", connections: int = 1):
+        """groups[g]: the addresses of group g's replicas. wire_dtype: "model" (rows travel in
+        the model's dtype) or "fp8" (e4m3 with a scale per row; results still in the model's).
+        connections: TCP connections per replica, for links one connection does not fill."""
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {wire_dtype!r}")
+        if connections < 1:
+            raise ValueError(f"connections must be at least 1, got {connections}")
+        self.connections = connections
+        self.replicas: list[list[Replica]] = [[Replica.open(a, connections) for a in addrs] for addrs in groups]
         self.timeout, self.retry_after, self.min_rows = timeout, retry_after, min_rows_per_replica
+        self.fp8 = wire_dtype == "fp8"
         self.stats = WireStats()
         self._ids = itertools.count()
+        self._copiers: dict[torch.device, DeviceCopier] = {}
         # One rotation per (group, layer): with one shared counter, or one per group, the
         # RPCs of a step take turns in a fixed order, so with as many replicas as layers a
         # replica would always get the same layer, and layers differ in how many rows they route.
@@ -115,25 +219,31 @@ class GrpcTransport:
     def set_replicas(self, group: int, addresses: list[str]) -> None:
         """Follow the endpoint directory: keep known replicas, open new ones, drop the gone."""
         known = {r.address: r for r in self.replicas[group]}
-        self.replicas[group] = [known.pop(a, None) or Replica.open(a) for a in addresses]
+        self.replicas[group] = [known.pop(a, None) or Replica.open(a, self.connections) for a in addresses]
         for gone in known.values():
-            asyncio.ensure_future(gone.channel.close(grace=self.timeout))
+            asyncio.ensure_future(gone.close(grace=self.timeout))
 
     def live(self, group: int) -> list[Replica]:
         now = time.monotonic()
         return [r for r in self.replicas[group] if r.down_until <= now]
 
+    def _copier(self, device: torch.device) -> DeviceCopier:
+        if device not in self._copiers:
+            self._copiers[device] = DeviceCopier(device)
+        return self._copiers[device]
+
     async def forward(self, layer: int, y: torch.Tensor, batches: list[GroupBatch]) -> list[torch.Tensor]:
+        """y [T, D]; for each batch its partial sums [R, D], on y's device in the shards' dtype."""
         calls = [self._group(layer, y, b) for b in batches]
         return await asyncio.gather(*calls)
 
     async def _group(self, layer: int, y: torch.Tensor, b: GroupBatch) -> torch.Tensor:
-        """One group's rows, spread over its live replicas in contiguous slices."""
+        """One group's rows, spread over its live replicas (and their connections) in contiguous slices."""
         if not self.replicas[b.group]:
             raise ExpertGroupUnavailable(f"expert group {b.group} has no replica")
         live = self.live(b.group) or self.replicas[b.group]   # all set aside: try them anyway, once more
         R = len(b.rows)
-        n = max(1, min(len(live), R // self.min_rows))
+        n = max(1, min(len(live) * self.connections, R // self.min_rows))
         first = next(self._turns[(b.group, layer)])
         bounds = [R * i // n for i in range(n + 1)]
         parts = [self._slice(layer, y, b, bounds[i], bounds[i + 1], live[(first + i) % len(live)])
@@ -141,42 +251,57 @@ class GrpcTransport:
         outs = await asyncio.gather(*parts)
         return outs[0] if n == 1 else torch.cat(outs)
 
+    async def _request(self, layer: int, y: torch.Tensor, b: GroupBatch, s: int, e: int,
+                       carrier: dict | None) -> tuple[int, bytes]:
+        """Gather (and quantize) the slice's rows on y's device, copy them to the host, pack."""
+        rows = y[b.rows[s:e]]
+        tensors = dict(zip(("hidden", "hidden_scale"), quantize_rows(rows))) if self.fp8 else {"hidden": rows}
+        tensors |= {"expert_ids": b.expert_ids[s:e], "weights": b.weights[s:e]}
+        host = await self._copier(y.device).to_host(*tensors.values())
+        batch_id = next(self._ids)
+        msg = pb.ExpertBatch(batch_id=batch_id, layer=layer, trace_context=carrier)
+        return batch_id, codec.pack(msg, **dict(zip(tensors, host)))
+
     async def _slice(self, layer: int, y: torch.Tensor, b: GroupBatch, s: int, e: int,
                      replica: Replica) -> torch.Tensor:
         # One client span covers the slice, failovers included; its context rides in the batch.
         span, carrier = self._span(layer, b.group, e - s)
-        request = codec.pack(pb.ExpertBatch(batch_id=next(self._ids), layer=layer, trace_context=carrier),
-                             hidden=y[b.rows[s:e]], expert_ids=b.expert_ids[s:e], weights=b.weights[s:e])
         tried = []
         try:
+            batch_id, request = await self._request(layer, y, b, s, e, carrier)
             while True:
                 tried.append(replica.address)
                 t0 = time.perf_counter()
                 try:
-                    msg, tensors = await replica.forward(request, timeout=self.timeout)
+                    msg, tensors = await replica.forward(batch_id, request, self.timeout)
                     break
-                except grpc.aio.AioRpcError as err:
+                except ShardCallError as err:
                     if span is not None:
                         span.add_event("replica failed", {"server.address": replica.address,
-                                                          "rpc.grpc.status_code": err.code().name})
-                    if err.code() not in _REPLICA_FAILURES:
+                                                          "rpc.grpc.status_code": err.code.name})
+                    if err.code not in _REPLICA_FAILURES:
                         raise RuntimeError(f"expert group {b.group} at {replica.address} refused layer {layer} "
-                                           f"batch: {err.code().name}: {err.details()}") from None
+                                           f"batch: {err}") from None
                     replica.down_until = time.monotonic() + self.retry_after
                     self.stats.failovers += 1
-                    log.warning("expert replica %s of group %d failed (%s: %s); retrying elsewhere",
-                                replica.address, b.group, err.code().name, err.details())
+                    log.warning("expert replica %s of group %d failed (%s); retrying elsewhere",
+                                replica.address, b.group, err)
                     others = [r for r in self.live(b.group) if r.address not in tried]
                     if not others:
                         raise ExpertGroupUnavailable(f"expert group {b.group} has no live replica "
                                                      f"(tried {', '.join(tried)})") from None
                     replica = others[0]
+            seconds = time.perf_counter() - t0
+            if "output" not in tensors:
+                raise RuntimeError(f"expert group {b.group} at {replica.address} answered layer {layer} "
+                                   f"batch {batch_id} without an output")
+            host_out = tensors["output"]
+            out, = await self._copier(y.device).to_device(host_out)
         except Exception as err:
             if span is not None:
                 span.set_status(trace.StatusCode.ERROR, type(err).__name__)
                 span.end()
             raise
-        seconds = time.perf_counter() - t0
         if span is not None:
             span.set_attributes({"server.address": replica.address,
                                  "moe_serve.expert.compute_seconds": msg.compute_seconds})
@@ -187,11 +312,11 @@ class GrpcTransport:
         st.rpc_seconds += seconds
         st.per_replica_rows[replica.address] += e - s
         st.per_group_bytes[(b.group, "sent")] += len(request)
-        st.per_group_bytes[(b.group, "received")] += tensors["output"].numel() * tensors["output"].element_size()
+        st.per_group_bytes[(b.group, "received")] += host_out.numel() * host_out.element_size()
         attrs = {"group": str(b.group), "replica": replica.address}
         _rpc.duration.record(seconds, attrs)
         _rpc.rows.record(e - s, attrs)
-        return tensors["output"]
+        return out
 
     def _span(self, layer: int, group: int, rows: int):
         """A client span for the slice and its context as W3C headers, when the step is traced."""
@@ -206,22 +331,25 @@ class GrpcTransport:
         return span, carrier
 
     async def close(self) -> None:
-        await asyncio.gather(*(r.channel.close() for rs in self.replicas for r in rs))
+        await asyncio.gather(*(r.close() for rs in self.replicas for r in rs))
 
 
 async def discover(addresses: list[str], num_layers: int, num_experts: int, fingerprint: str | None = None,
-                   timeout: float = 30.0) -> tuple[list[list[str]], Placement]:
+                   timeout: float = 30.0, wire_dtype: str = "model", echo: bool = False
+                   ) -> tuple[list[list[str]], Placement]:
     """Ask each shard what it holds: shards holding the same pairs are replicas of one group.
 
-    Refuses shards serving another checkpoint than `fingerprint`, and layouts that leave a
-    (layer, expert) pair unserved or serve one in two different groups.
+    Refuses shards serving another checkpoint than `fingerprint`, shards older than this
+    client's contract revision or unable to take `wire_dtype`, echo shards (unless `echo`:
+    they compute nothing), and layouts that leave a (layer, expert) pair unserved or serve
+    one in two different groups.
     """
     async def info(address: str) -> pb.ShardInfo:
         async with grpc.aio.insecure_channel(address) as ch:
             call = ch.unary_unary(INFO, request_serializer=pb.InfoRequest.SerializeToString,
                                   response_deserializer=pb.ShardInfo.FromString)
             try:
-                return await call(pb.InfoRequest(), timeout=timeout, wait_for_ready=True)
+                return await call(pb.InfoRequest(), timeout=timeout, wait_for_ready=True, metadata=call_metadata())
             except grpc.aio.AioRpcError as err:
                 raise ExpertGroupUnavailable(f"expert shard {address}: {err.code().name}: {err.details()}") from None
 
@@ -231,6 +359,14 @@ async def discover(addresses: list[str], num_layers: int, num_experts: int, fing
         if fingerprint and si.checkpoint_fingerprint != fingerprint:
             raise ValueError(f"expert shard {address} serves checkpoint {si.checkpoint_fingerprint}, "
                              f"this model is {fingerprint}")
+        if si.revision < REVISION:
+            raise ValueError(f"expert shard {address} speaks revision {si.revision or 1} of the expert contract, "
+                             f"this attention shard needs {REVISION}: upgrade the shard")
+        if wire_dtype == "fp8" and pb.DTYPE_FLOAT8_E4M3 not in si.hidden_dtypes:
+            raise ValueError(f"expert shard {address} does not take fp8 rows; set wire_dtype: model")
+        if si.echo and not echo:
+            raise ValueError(f"expert shard {address} is an echo shard (it computes nothing); "
+                             "start it without --echo to serve")
         pairs = tuple(sorted((le.layer, e) for le in si.layers for e in le.experts))
         by_pairs.setdefault(pairs, []).append(address)
     placement = Placement.from_groups([list(p) for p in by_pairs], num_layers, num_experts)
