@@ -254,7 +254,9 @@ class GrpcTransport:
     async def _request(self, layer: int, y: torch.Tensor, b: GroupBatch, s: int, e: int,
                        carrier: dict | None) -> tuple[int, bytes]:
         """Gather (and quantize) the slice's rows on y's device, copy them to the host, pack."""
-        rows = y[b.rows[s:e]]
+        # A batch of all the step's rows (one group, one replica) needs no gather on the host,
+        # where a gather is a copy of the rows; rows are sorted and unique, so their count says it.
+        rows = y if e - s == y.shape[0] and y.device.type == "cpu" else y[b.rows[s:e]]
         tensors = dict(zip(("hidden", "hidden_scale"), quantize_rows(rows))) if self.fp8 else {"hidden": rows}
         tensors |= {"expert_ids": b.expert_ids[s:e], "weights": b.weights[s:e]}
         host = await self._copier(y.device).to_host(*tensors.values())

@@ -22,10 +22,12 @@ E4M3_MAX = 448.0
 
 def quantize_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """y [T, D] any float dtype -> q [T, D] float8_e4m3fn, scale [T] float32, on y's device."""
-    yf = y.float()
-    amax = yf.abs().amax(dim=-1) if y.shape[-1] else torch.zeros(y.shape[:-1], device=y.device)
+    if y.shape[-1] == 0:
+        return y.to(E4M3), torch.ones(y.shape[:-1], device=y.device)
+    # |y| without a copy of |y|: the larger of the row's max and minus its min.
+    amax = torch.maximum(y.amax(dim=-1), -y.amin(dim=-1)).float()
     scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    q = (yf / scale[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    q = y.float().mul_(1 / scale[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q, scale
 
 
