@@ -21,7 +21,8 @@ def test_wire_bench_quick(tmp_path):
     for wire in ("bf16", "fp8"):
         for rows in (16, 256):
             for figure in ("ours echo", "raw", "unary echo", "grpc bare", "ours compute"):
-                assert re.search(rf"wire {wire} rows +{rows} {figure} +[0-9.]+ ms +[0-9.]+ GB/s", out), (wire, rows, figure)
+                line = rf"wire {wire} rows +{rows} {figure} +[0-9.]+ ms +[0-9.]+ GB/s"
+                assert re.search(line, out), (wire, rows, figure)
             assert re.search(rf"wire {wire} rows +{rows} ratio ours/raw [0-9.]+ = grpc bare/raw", out)
     results = json.loads((REPO / "bench" / "out" / "wire.json").read_text())["results"]
     sizes = {(r["wire"], r["rows"]): r["request_bytes"] for r in results}
