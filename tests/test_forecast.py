@@ -55,6 +55,18 @@ def test_ping_pong_halves_the_micro_batch_and_never_beats_one_way_round(plan8):
                                           f.attention_s + f.experts_s + f.path_s))
 
 
+def test_expert_replicas_share_the_attention_replicas_batches(plan8):
+    import msgspec
+
+    two = msgspec.structs.replace(plan8, groups=tuple(msgspec.structs.replace(g, replicas=2) for g in plan8.groups))
+    f = step(MC, two, H100, NET100, batch=4, context=65536)
+    # 4 tokens are too few to split (32 rows a replica at least): whole batches alternate over
+    # the 2 replicas, each serving 2 of the 4 attention replicas: 2 * t_e, not 4 * t_e.
+    assert f.experts_s == step(MC, plan8, H100, NET100, batch=4, context=65536).experts_s
+    assert f.layer_s == pytest.approx(max(2 * f.experts_s, f.attention_s + f.experts_s + f.path_s))
+    assert f.tokens_per_s_per_gpu == pytest.approx(16 / f.step_s / 12)
+
+
 def test_a_slow_link_makes_the_wire_the_bound(plan8):
     slow = Network(1.0, latency_us=0.0, rpc_overhead_us=0.0)
     f = step(MC, plan8, H100, slow, batch=4, context=65536)
@@ -94,7 +106,7 @@ def test_plan_forecast_command():
                           "--batch", "4,8"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert "forecast     H100 SXM: 989 TFLOP/s, 3350 GB/s HBM; 4 attention replicas" in text
+    assert "forecast     H100 SXM: 989 TFLOP/s, 3350 GB/s HBM; 4 attention replicas, 4 expert groups of 1 " in text
     rows = [line.split() for line in text.splitlines() if line.strip().startswith(("100G", "400G"))]
     assert [(r[0], r[1], r[3]) for r in rows] == [(n, b, m) for n in ("100G", "400G") for b in ("4", "8")
                                                  for m in ("1", "2")]

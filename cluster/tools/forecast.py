@@ -15,10 +15,10 @@ out). Per layer and micro-batch of b = B / M tokens of context C:
                model bytes): t_w = max(out, in) / bandwidth of link time, and on the
                critical path out / bw + in / bw + round-trip latency + per-RPC overhead.
 
-    layer      T = max(M * t_a, A * M * t_e, M * t_w, t_a + t_e + path): each stage busy
-               for its micro-batches, the expert GPUs for all A attention replicas' batches
-               (each RPC reads the weights again), and never faster than one micro-batch's
-               way round. M = 1 is no ping-pong.
+    layer      T = max(M * t_a, A * M * t_e / R, M * t_w, t_a + t_e + path): each stage busy
+               for its micro-batches, a group's R replicas for all A attention replicas'
+               batches (each RPC reads the weights again), and never faster than one
+               micro-batch's way round. M = 1 is no ping-pong.
     step       L * T + lm_head; decode tokens/s = A * B / step, per GPU / plan.gpus.
 
 The bound named is the largest of the stage terms or, when the way round sets T, the
@@ -107,15 +107,19 @@ def step(mc: ModelConfig, plan, gpu: GpuSpec, net: Network, batch: int, context:
     kv = b * context * 2 * KVH * Dh * mb
     t_a = _roofline(attn_params * mb + kv, 2 * b * attn_params + 4 * b * context * H * Dh, gpu)
 
-    t_e, tokens = 0.0, []
+    A = plan.attention_replicas
+    t_e, busy, tokens = 0.0, 0.0, []
     for g in plan.groups:
         e_g = len(g.experts) * (len(g.layers) if g.layers is not None else L) / L   # experts of a layer held
         t_g = b * (1 - math.comb(E - round(e_g), K) / math.comb(E, K))       # tokens with an expert here
         tokens.append(t_g)
-        n = max(1, min(g.replicas, int(t_g // MIN_ROWS_PER_REPLICA)))        # replicas sharing the rows
-        hit = e_g * (1 - (1 - K / E) ** (b / n))                              # experts the share touches
+        n = max(1, min(g.replicas, int(t_g // MIN_ROWS_PER_REPLICA)))        # replicas sharing one batch's rows
+        hit = e_g * (1 - (1 - K / E) ** (b / n))                              # experts one share touches
         pairs = b * K * e_g / E / n
-        t_e = max(t_e, _roofline(hit * 3 * D * F * eb, 6 * D * F * pairs, expert_gpu))
+        one = _roofline(hit * 3 * D * F * eb, 6 * D * F * pairs, expert_gpu)
+        t_e = max(t_e, one)
+        # A replicas' M micro-batches a layer, each in n shares, dealt over the group's replicas.
+        busy = max(busy, A * M * n / g.replicas * one)
 
     row_out = (D + 4 if wire_dtype == "fp8" else D * mb) + 8 * K          # fp8: a byte an element, a scale a row
     out_b, in_b = sum(tokens) * row_out, sum(tokens) * D * mb
@@ -123,8 +127,7 @@ def step(mc: ModelConfig, plan, gpu: GpuSpec, net: Network, batch: int, context:
     t_w = max(out_b, in_b) / bw
     path = out_b / bw + in_b / bw + (net.latency_us + net.rpc_overhead_us) * 1e-6
 
-    A = plan.attention_replicas
-    stages = {"attention": M * t_a, "experts": A * M * t_e, "wire": M * t_w}
+    stages = {"attention": M * t_a, "experts": busy, "wire": M * t_w}
     chain = {"attention": t_a, "experts": t_e, "wire": path}
     layer = max(*stages.values(), sum(chain.values()))
     # The bound: the busiest stage, or, when one micro-batch's way round sets the pace, its largest part.
@@ -144,7 +147,8 @@ def mc_bytes(plan) -> int:
 def table(mc: ModelConfig, plan, gpu: GpuSpec, nets: list[Network], batches: list[int], contexts: list[int],
           micro_batches: list[int], wire_dtype: str = "model") -> str:
     lines = [f"forecast     {gpu.name}: {gpu.matmul_peak_tflops:g} TFLOP/s, {gpu.hbm_gbps:g} GB/s HBM; "
-             f"{plan.attention_replicas} attention replicas, {len(plan.groups)} expert groups, {plan.gpus} GPUs; "
+             f"{plan.attention_replicas} attention replicas, {len(plan.groups)} expert groups of "
+             f"{'/'.join(sorted({str(g.replicas) for g in plan.groups}))} replicas, {plan.gpus} GPUs; "
              f"rows on the wire in {'fp8' if wire_dtype == 'fp8' else plan.dtype}; per layer and micro-batch:"]
     head = (f"  {'net':>8} {'batch':>6} {'context':>8} {'M':>2} {'attn ms':>8} {'experts':>8} {'wire':>8} "
             f"{'step ms':>9} {'tok/s':>9} {'tok/s/GPU':>10}  bound")
@@ -190,9 +194,16 @@ def add_arguments(q) -> None:
     f.add_argument("--forecast-context", type=_ints, help="context lengths (default: the plan's --context)")
     f.add_argument("--micro-batches", type=_ints, default=[1, 2], help="ping-pong settings (default: 1,2)")
     f.add_argument("--wire-dtype", choices=["model", "fp8"], default="model", help="rows on the wire (default: model)")
+    f.add_argument("--expert-replicas", type=int, metavar="N",
+                   help="forecast with N replicas of every expert group (default: the plan's starting count)")
 
 
 def describe(mc: ModelConfig, plan, a) -> str:
+    if a.expert_replicas:
+        if a.expert_replicas < 1:
+            raise ValueError(f"--expert-replicas must be at least 1, got {a.expert_replicas}")
+        plan = msgspec.structs.replace(plan, groups=tuple(msgspec.structs.replace(g, replicas=a.expert_replicas)
+                                                          for g in plan.groups))
     kind = a.gpu or ("h200" if plan.gpu_bytes >= 120 * (1 << 30) else "h100")
     gpu = gpu_spec(kind, a.gpu_json, a.matmul_tflops, a.hbm_gbps)
     nets = [Network(g, a.net_latency_us, a.rpc_overhead_us) for g in a.net_gbps]
