@@ -2,11 +2,12 @@
 
 Per layer, one batch per expert group touched (more when a group's rows are spread over
 several replicas), all in flight at once. Each batch travels on the long-lived
-ForwardStream this process keeps to each replica (one per connection), matched to its
-result by batch id: a call per batch costs several times more at these message sizes
-(docs/wire.md). Tensors go through the codec's fast path: one copy into the request
-bytes, none out of the reply, and a DeviceCopier on each side moves them between host
-memory and the device (the results land on the device of the hidden state sent).
+ForwardStream this process keeps to each replica (one per connection,
+attention_service/shard_stream.py), matched to its result by batch id: a call per batch
+costs several times more at these message sizes (docs/wire.md). Tensors go through the
+codec's fast path: one copy into the request bytes, none out of the reply, and a
+DeviceCopier on each side moves them between host memory and the device (the results
+land on the device of the hidden state sent).
 With `wire_dtype="fp8"` the rows travel as e4m3 with one scale per row (protos/wire_fp8.py).
 
 A replica that fails (connection lost, deadline passed, a batch it could not compute) is
@@ -18,7 +19,6 @@ no live replica fails the step with an error that names it. A batch the shard re
 
 import asyncio
 import collections
-import functools
 import itertools
 import logging
 import time
@@ -28,9 +28,10 @@ import grpc
 import torch
 from opentelemetry import metrics, propagate, trace
 
+from attention_service.shard_stream import Replica, ShardCallError
 from protos import codec
 from protos import expert_pb2 as pb
-from protos.channel import FORWARD_STREAM, INFO, REVISION, channel_options
+from protos.channel import INFO, REVISION
 from protos.device_copy import DeviceCopier
 from protos.wire_fp8 import quantize_rows
 from router.dispatch import GroupBatch, Placement
@@ -65,8 +66,6 @@ _rpc = RpcInstruments.on(metrics.get_meter(__name__))
 
 _REPLICA_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
                      grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
-_unpack_result = functools.partial(codec.unpack, pb.ExpertResult)
 
 
 def call_metadata() -> tuple[tuple[str, str], ...]:
@@ -74,104 +73,8 @@ def call_metadata() -> tuple[tuple[str, str], ...]:
     return ()
 
 
-class ShardCallError(Exception):
-    """One batch's call failed: the status code and message, whether from gRPC or the shard."""
-
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(f"{code.name}: {details}")
-        self.code, self.details = code, details
-
-
 class ExpertGroupUnavailable(RuntimeError):
     """No live replica of an expert group: the step cannot be computed."""
-
-
-class _Stream:
-    """One ForwardStream: batches written in turn, results matched to them by batch id."""
-
-    def __init__(self, channel: grpc.aio.Channel):
-        self.call = channel.stream_stream(FORWARD_STREAM, request_serializer=None,
-                                          response_deserializer=_unpack_result)(metadata=call_metadata())
-        self.pending: dict[int, asyncio.Future] = {}
-        self.failed: ShardCallError | None = None
-        self._write = asyncio.Lock()     # gRPC takes one message at a time per call
-        self._reader = asyncio.ensure_future(self._read())
-
-    async def _read(self) -> None:
-        try:
-            async for result in self.call:
-                fut = self.pending.pop(result[0].batch_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(result)
-            error = ShardCallError(grpc.StatusCode.UNAVAILABLE, "the shard closed the stream")
-        except grpc.aio.AioRpcError as e:
-            error = ShardCallError(e.code(), e.details() or "")
-        except asyncio.CancelledError:
-            error = ShardCallError(grpc.StatusCode.CANCELLED, "stream closed")
-        except codec.CodecError as e:
-            error = ShardCallError(grpc.StatusCode.INTERNAL, f"malformed result: {e}")
-        self.failed = error
-        for fut in self.pending.values():
-            if not fut.done():
-                fut.set_exception(error)
-        self.pending.clear()
-
-    async def forward(self, batch_id: int, request: bytes, timeout: float):
-        if self.failed is not None:
-            raise self.failed
-        fut = asyncio.get_running_loop().create_future()
-        self.pending[batch_id] = fut
-        try:
-            async with self._write:
-                await self.call.write(request)
-            msg, tensors = await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            raise ShardCallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no result after {timeout:.1f} s") from None
-        except grpc.aio.AioRpcError as e:
-            raise ShardCallError(e.code(), e.details() or "") from None
-        except asyncio.InvalidStateError:        # the call ended between our check and the write
-            raise self.failed or ShardCallError(grpc.StatusCode.UNAVAILABLE, "stream ended") from None
-        finally:
-            self.pending.pop(batch_id, None)
-        if msg.error_code:
-            raise ShardCallError(_CODES.get(msg.error_code, grpc.StatusCode.UNKNOWN), msg.error)
-        return msg, tensors
-
-    def close(self) -> None:
-        self.call.cancel()
-        self._reader.cancel()
-
-
-@dataclass(eq=False)
-class Replica:
-    """One replica of a group: `connections` channels (TCP connections), a stream on each."""
-
-    address: str
-    channels: list[grpc.aio.Channel]
-    down_until: float = 0.0
-    _streams: list[_Stream | None] = field(default_factory=list)
-    _turn: itertools.count = field(default_factory=itertools.count)
-
-    @classmethod
-    def open(cls, address: str, connections: int = 1) -> "Replica":
-        # A pool of its own per channel: channels with equal options would otherwise share one connection.
-        opts = channel_options() + ([("grpc.use_local_subchannel_pool", 1)] if connections > 1 else [])
-        channels = [grpc.aio.insecure_channel(address, options=opts) for _ in range(connections)]
-        return cls(address, channels, _streams=[None] * connections)
-
-    async def forward(self, batch_id: int, request: bytes, timeout: float):
-        """(ExpertResult, tensors) for one packed batch, on the next connection's stream."""
-        i = next(self._turn) % len(self.channels)
-        stream = self._streams[i]
-        if stream is None or stream.failed is not None:
-            stream = self._streams[i] = _Stream(self.channels[i])
-        return await stream.forward(batch_id, request, timeout)
-
-    async def close(self, grace: float | None = None) -> None:
-        for s in self._streams:
-            if s is not None:
-                s.close()
-        await asyncio.gather(*(ch.close(grace) for ch in self.channels))
 
 
 @dataclass(eq=False)
@@ -205,7 +108,8 @@ class GrpcTransport:
         if connections < 1:
             raise ValueError(f"connections must be at least 1, got {connections}")
         self.connections = connections
-        self.replicas: list[list[Replica]] = [[Replica.open(a, connections) for a in addrs] for addrs in groups]
+        self.replicas: list[list[Replica]] = [[Replica.open(a, connections, call_metadata()) for a in addrs]
+                                              for addrs in groups]
         self.timeout, self.retry_after, self.min_rows = timeout, retry_after, min_rows_per_replica
         self.fp8 = wire_dtype == "fp8"
         self.stats = WireStats()
@@ -219,7 +123,8 @@ class GrpcTransport:
     def set_replicas(self, group: int, addresses: list[str]) -> None:
         """Follow the endpoint directory: keep known replicas, open new ones, drop the gone."""
         known = {r.address: r for r in self.replicas[group]}
-        self.replicas[group] = [known.pop(a, None) or Replica.open(a, self.connections) for a in addresses]
+        self.replicas[group] = [known.pop(a, None) or Replica.open(a, self.connections, call_metadata())
+                                 for a in addresses]
         for gone in known.values():
             asyncio.ensure_future(gone.close(grace=self.timeout))
 

@@ -9,26 +9,26 @@ attention shards refuse to serve through such a shard.
 
 import torch
 
+from expert_service.experts import ExpertWeights
+
 
 class EchoExperts:
     """Holds (layer, expert) pairs by name only; forward returns the rows it was given."""
 
+    # The same refusals as real experts, from the same lookup tables: a layer, or an expert
+    # of it, that this shard does not hold.
+    check = ExpertWeights.check
+
     def __init__(self, pairs: list[tuple[int, int]], num_experts: int, dtype: torch.dtype):
-        self.pairs = sorted(set(pairs))
         self.num_experts = num_experts
         self.dtype = dtype
-        self._held = {layer: {e for l, e in self.pairs if l == layer} for layer, _ in self.pairs}
-
-    def check(self, layer: int, ids: torch.Tensor) -> None:
-        """The same refusals as real experts: a layer, or an expert of it, this shard does not hold."""
-        if layer not in self._held:
-            raise KeyError(f"layer {layer} is not held by this shard (holds layers {sorted(self._held)})")
-        bad = (ids < -1) | (ids >= self.num_experts)
-        if bad.any():
-            raise KeyError(f"expert id {int(ids[bad][0])} out of range [0, {self.num_experts})")
-        for e in torch.unique(ids[ids >= 0]).tolist():
-            if e not in self._held[layer]:
-                raise KeyError(f"expert {e} of layer {layer} is not held by this shard")
+        self.pairs = sorted(set(pairs))
+        self.local: dict[int, torch.Tensor] = {}       # layer -> [E + 1] local index of a global id, -1 if not held
+        for layer in sorted({l for l, _ in self.pairs}):
+            experts = [e for l, e in self.pairs if l == layer]
+            lut = torch.full((num_experts + 1,), -1, dtype=torch.int64)
+            lut[torch.tensor(experts)] = torch.arange(len(experts))
+            self.local[layer] = lut
 
     def forward(self, layer: int, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return y

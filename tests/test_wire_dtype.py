@@ -28,15 +28,6 @@ FP8_REL_TOL = 2 ** -4
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """The in-process oracle sums in the same order as the single-threaded shards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def bf16_shards(tiny_ckpt):
     with running_shards(tiny_ckpt, split_experts(8, 2), dtype="bfloat16") as procs:
         yield [p.address for p in procs]
@@ -67,7 +58,7 @@ async def _partials(addresses, layer, y, ids, w, wire_dtype):
         await transport.close()
 
 
-def test_bf16_rows_equal_in_process_and_fp8_within_tolerance(tiny_ckpt, bf16_shards, one_thread):
+def test_bf16_rows_equal_in_process_and_fp8_within_tolerance(tiny_ckpt, bf16_shards, one_torch_thread):
     g = torch.Generator().manual_seed(3)
     T = 200
     y = torch.randn(T, D, generator=g).to(torch.bfloat16)
@@ -94,7 +85,7 @@ def test_bf16_rows_equal_in_process_and_fp8_within_tolerance(tiny_ckpt, bf16_sha
     assert fp8_stats.bytes_received == bf16_stats.bytes_received
 
 
-def test_bf16_engine_over_grpc_gives_the_in_process_tokens(tiny_ckpt, bf16_shards, one_thread):
+def test_bf16_engine_over_grpc_gives_the_in_process_tokens(tiny_ckpt, bf16_shards, one_torch_thread):
     cfg = EngineConfig(dtype="bfloat16")
     engine, _ = build_engine(tiny_ckpt, cfg, groups=2)
     expected = [s.output_ids for s in asyncio.run(engine.generate(PROMPTS, GREEDY))]
