@@ -27,7 +27,7 @@ def quantize_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # |y| without a copy of |y|: the larger of the row's max and minus its min.
     amax = torch.maximum(y.amax(dim=-1), -y.amin(dim=-1)).float()
     scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    q = y.float().mul_(1 / scale[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    q = (y.float() * (1 / scale)[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)   # y itself untouched
     return q, scale
 
 

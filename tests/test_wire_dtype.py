@@ -37,6 +37,9 @@ def test_quantize_rows_error_bound():
     g = torch.Generator().manual_seed(0)
     y = torch.randn(300, 512, generator=g) * torch.logspace(-3, 3, 300)[:, None]   # rows of every scale
     y[7] = 0                                                                        # and an all-zero row
+    before = y.clone()
+    q, scale = quantize_rows(y)
+    assert torch.equal(y, before)                                                   # the rows are not touched
     q, scale = quantize_rows(y.to(torch.bfloat16))
     assert q.dtype == E4M3 and scale.dtype == torch.float32 and scale.shape == (300,)
     back = dequantize_rows(q, scale, torch.float32)
