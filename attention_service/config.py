@@ -25,11 +25,17 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     micro_batches: int = 1
     # Cap on prompt + generation; unset means the model's max_position_embeddings.
     max_model_len: int | None = None
+    # How hidden rows travel to expert shards: "model" (the model's dtype, exact) or "fp8"
+    # (e4m3 with a scale per row: half of bf16's request bytes, results still in the
+    # model's dtype; docs/wire.md gives its error).
+    wire_dtype: str = "model"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_batched_tokens", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.wire_dtype not in ("model", "fp8"):
+            raise ConfigError(f"wire_dtype must be model or fp8, got {self.wire_dtype!r}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ConfigError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
 

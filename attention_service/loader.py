@@ -42,5 +42,6 @@ async def connect_engine(model_dir: str | Path, experts_at: list[str], cfg: Engi
 
     ckpt = Checkpoint(model_dir)
     mc = ckpt.config
-    groups, placement = await discover(experts_at, mc.num_hidden_layers, mc.num_local_experts, ckpt.fingerprint())
-    return open_engine(ckpt, cfg, GrpcTransport(groups), placement, progress)
+    groups, placement = await discover(experts_at, mc.num_hidden_layers, mc.num_local_experts, ckpt.fingerprint(),
+                                       wire_dtype=cfg.wire_dtype)
+    return open_engine(ckpt, cfg, GrpcTransport(groups, wire_dtype=cfg.wire_dtype), placement, progress)

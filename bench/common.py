@@ -32,7 +32,8 @@ CACHE_DIR = Path(os.environ.get("MOE_SERVE_BENCH_CACHE", Path.home() / ".cache" 
 CONTENDED_SHARE = 0.2
 
 
-def checkpoint(preset_name: str = "bench", seed: int = 0, variant: str | None = None, **overrides) -> Path:
+def checkpoint(preset_name: str = "bench", seed: int = 0, variant: str | None = None,
+               dtype: torch.dtype = torch.float32, **overrides) -> Path:
     """A random-weight checkpoint of the preset, written once into the cache and reused
     (rewritten if the preset's config has changed since). A variant changes some of the
     preset's fields (overrides, e.g. num_hidden_layers=1) and is cached under its own name."""
@@ -44,14 +45,15 @@ def checkpoint(preset_name: str = "bench", seed: int = 0, variant: str | None = 
     if overrides and not variant:
         raise ValueError("a checkpoint with overrides needs a variant name")
     cfg = msgspec.structs.replace(preset(preset_name), **overrides) if overrides else preset(preset_name)
-    stamp = json.dumps({"config": msgspec.to_builtins(cfg), "seed": seed}, sort_keys=True)
+    stamp = {"config": msgspec.to_builtins(cfg), "seed": seed}
+    stamp = json.dumps(stamp | ({"dtype": str(dtype)} if dtype != torch.float32 else {}), sort_keys=True)
     name = f"{preset_name}-{variant}" if variant else preset_name
     out = CACHE_DIR / (f"{name}-ckpt" if seed == 0 else f"{name}-seed{seed}-ckpt")
     done = out / ".complete"
     if not done.exists() or done.read_text() != stamp:
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        write_random_checkpoint(cfg, tmp, seed=seed)
+        write_random_checkpoint(cfg, tmp, seed=seed, dtype=dtype)
         (tmp / ".complete").write_text(stamp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)

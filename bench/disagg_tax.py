@@ -216,8 +216,8 @@ class Counters:
         self.pairs += ids.numel()
 
     def _wrap(self, forward):
-        async def call(request, **kwargs):
-            msg, tensors = await forward(request, **kwargs)
+        async def call(*args, **kwargs):
+            msg, tensors = await forward(*args, **kwargs)
             self.compute_s += msg.compute_seconds
             self.shard_pairs += msg.rows
             return msg, tensors

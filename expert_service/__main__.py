@@ -17,6 +17,7 @@ EPILOG = """\
 examples:
   python -m expert_service --model ckpt/ --experts 0,4 --port 50051
   python -m expert_service --model ckpt/ --experts 1 --layers 0,1 --port 0 --shard-id g1
+  python -m expert_service --model ckpt/ --experts 0,1,2,3 --echo     # the wire alone, no compute
 
 With --port 0 the system picks a free port; read it from the READY line.
 """
@@ -56,6 +57,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, default=None, metavar="N",
                    help="largest gRPC message sent or received; larger ones fail with RESOURCE_EXHAUSTED "
                         "(default: 512 MiB)")
+    p.add_argument("--echo", action="store_true",
+                   help="load no expert weights and answer each batch with its own rows (dequantized if fp8): "
+                        "the full data path without the math, for measuring the wire (bench/wire.py). "
+                        "Attention shards refuse to serve through an echo shard")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long to wait for in-flight batches (default: 10)")
     return p
@@ -65,7 +70,8 @@ async def run(a: argparse.Namespace) -> None:
     from expert_service.server import DEFAULT_MAX_MESSAGE_BYTES, serve
 
     server, port = await serve(a.model, a.experts, a.layers, a.port, host=a.host, device=a.device, dtype=a.dtype,
-                               shard_id=a.shard_id, max_message_bytes=a.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES)
+                               shard_id=a.shard_id, max_message_bytes=a.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
+                               echo=a.echo)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

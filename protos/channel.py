@@ -6,6 +6,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["ExpertShard"].full_name  # moe_serve.e
 FORWARD = f"/{SERVICE}/Forward"
 FORWARD_STREAM = f"/{SERVICE}/ForwardStream"
 INFO = f"/{SERVICE}/Info"
+# The revision of the v1 contract this code speaks (expert.proto says what each adds).
+REVISION = 2
 # A 2048-token batch of 8x22B activations is ~25 MB; gRPC's default cap is 4 MiB.
 DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
 

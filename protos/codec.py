@@ -69,6 +69,7 @@ _TO_TORCH = {
     pb.DTYPE_UINT8: torch.uint8,
     pb.DTYPE_BOOL: torch.bool,
     pb.DTYPE_FLOAT64: torch.float64,
+    pb.DTYPE_FLOAT8_E4M3: torch.float8_e4m3fn,
 }
 _TO_WIRE = {v: k for k, v in _TO_TORCH.items()}
 # Same-width stand-ins that numpy understands (it has no bfloat16).

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/expert.proto\x12\x13moe_serve.expert.v1\"V\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1a.moe_serve.expert.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03J\x04\x08\x0f\x10\x10\"\xba\x02\n\x0b\x45xpertBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\x05\x12+\n\x06hidden\x18\x03 \x01(\x0b\x32\x1b.moe_serve.expert.v1.Tensor\x12/\n\nexpert_ids\x18\x04 \x01(\x0b\x32\x1b.moe_serve.expert.v1.Tensor\x12,\n\x07weights\x18\x05 \x01(\x0b\x32\x1b.moe_serve.expert.v1.Tensor\x12I\n\rtrace_context\x18\x06 \x03(\x0b\x32\x32.moe_serve.expert.v1.ExpertBatch.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"t\n\x0c\x45xpertResult\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12+\n\x06output\x18\x02 \x01(\x0b\x32\x1b.moe_serve.expert.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x0c\n\x04rows\x18\x04 \x01(\x05\"\r\n\x0bInfoRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\x05\"\xb0\x01\n\tShardInfo\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x31\n\x06layers\x18\x02 \x03(\x0b\x32!.moe_serve.expert.v1.LayerExperts\x12)\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1a.moe_serve.expert.v1.DType\x12\x1e\n\x16\x63heckpoint_fingerprint\x18\x04 \x01(\t\x12\x13\n\x0bhidden_size\x18\x05 \x01(\x05\"\x0f\n\rHealthRequest\"\xa3\x01\n\x0eHealthResponse\x12:\n\x06status\x18\x01 \x01(\x0e\x32*.moe_serve.expert.v1.HealthResponse.Status\x12\x18\n\x10inflight_batches\x18\x02 \x01(\x05\";\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02*\xbe\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07\x12\x0e\n\nDTYPE_BOOL\x10\x08\x12\x11\n\rDTYPE_FLOAT64\x10\t2\xd4\x02\n\x0b\x45xpertShard\x12N\n\x07\x46orward\x12 .moe_serve.expert.v1.ExpertBatch\x1a!.moe_serve.expert.v1.ExpertResult\x12X\n\rForwardStream\x12 .moe_serve.expert.v1.ExpertBatch\x1a!.moe_serve.expert.v1.ExpertResult(\x01\x30\x01\x12H\n\x04Info\x12 .moe_serve.expert.v1.InfoRequest\x1a\x1e.moe_serve.expert.v1.ShardInfo\x12Q\n\x06Health\x12\".moe_serve.expert.v1.HealthRequest\x1a#.moe_serve.expert.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/expert.proto\x12\x13moe_serve.expert.v1\"V\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1a.moe_serve.expert.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03J\x04\x08\x0f\x10\x10\"\xed\x02\n\x0b\x45xpertBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\x05\x12+\n\x06hidden\x18\x03 \x01(\x0b\x32\x1b.moe_serve.expert.v1.Tensor\x12/\n\nexpert_ids\x18\x04 \x01(\x0b\x32\x1b.moe_serve.expert.v1.Tensor\x12,\n\x07weights\x18\x05 \x01(\x0b\x32\x1b.moe_serve.expert.v1.Tensor\x12I\n\rtrace_context\x18\x06 \x03(\x0b\x32\x32.moe_serve.expert.v1.ExpertBatch.TraceContextEntry\x12\x31\n\x0chidden_scale\x18\x07 \x01(\x0b\x32\x1b.moe_serve.expert.v1.Tensor\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x01\n\x0c\x45xpertResult\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12+\n\x06output\x18\x02 \x01(\x0b\x32\x1b.moe_serve.expert.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x0c\n\x04rows\x18\x04 \x01(\x05\x12\x12\n\nerror_code\x18\x05 \x01(\x05\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\r\n\x0bInfoRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\x05\"\x83\x02\n\tShardInfo\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x31\n\x06layers\x18\x02 \x03(\x0b\x32!.moe_serve.expert.v1.LayerExperts\x12)\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1a.moe_serve.expert.v1.DType\x12\x1e\n\x16\x63heckpoint_fingerprint\x18\x04 \x01(\t\x12\x13\n\x0bhidden_size\x18\x05 \x01(\x05\x12\x31\n\rhidden_dtypes\x18\x06 \x03(\x0e\x32\x1a.moe_serve.expert.v1.DType\x12\x10\n\x08revision\x18\x07 \x01(\x05\x12\x0c\n\x04\x65\x63ho\x18\x08 \x01(\x08\"\x0f\n\rHealthRequest\"\xa3\x01\n\x0eHealthResponse\x12:\n\x06status\x18\x01 \x01(\x0e\x32*.moe_serve.expert.v1.HealthResponse.Status\x12\x18\n\x10inflight_batches\x18\x02 \x01(\x05\";\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02*\xd5\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07\x12\x0e\n\nDTYPE_BOOL\x10\x08\x12\x11\n\rDTYPE_FLOAT64\x10\t\x12\x15\n\x11\x44TYPE_FLOAT8_E4M3\x10\n2\xd4\x02\n\x0b\x45xpertShard\x12N\n\x07\x46orward\x12 .moe_serve.expert.v1.ExpertBatch\x1a!.moe_serve.expert.v1.ExpertResult\x12X\n\rForwardStream\x12 .moe_serve.expert.v1.ExpertBatch\x1a!.moe_serve.expert.v1.ExpertResult(\x01\x30\x01\x12H\n\x04Info\x12 .moe_serve.expert.v1.InfoRequest\x1a\x1e.moe_serve.expert.v1.ShardInfo\x12Q\n\x06Health\x12\".moe_serve.expert.v1.HealthRequest\x1a#.moe_serve.expert.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,28 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXPERTBATCH_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_EXPERTBATCH_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=993
-  _globals['_DTYPE']._serialized_end=1183
+  _globals['_DTYPE']._serialized_start=1163
+  _globals['_DTYPE']._serialized_end=1376
   _globals['_TENSOR']._serialized_start=44
   _globals['_TENSOR']._serialized_end=130
   _globals['_EXPERTBATCH']._serialized_start=133
-  _globals['_EXPERTBATCH']._serialized_end=447
-  _globals['_EXPERTBATCH_TRACECONTEXTENTRY']._serialized_start=396
-  _globals['_EXPERTBATCH_TRACECONTEXTENTRY']._serialized_end=447
-  _globals['_EXPERTRESULT']._serialized_start=449
-  _globals['_EXPERTRESULT']._serialized_end=565
-  _globals['_INFOREQUEST']._serialized_start=567
-  _globals['_INFOREQUEST']._serialized_end=580
-  _globals['_LAYEREXPERTS']._serialized_start=582
-  _globals['_LAYEREXPERTS']._serialized_end=628
-  _globals['_SHARDINFO']._serialized_start=631
-  _globals['_SHARDINFO']._serialized_end=807
-  _globals['_HEALTHREQUEST']._serialized_start=809
-  _globals['_HEALTHREQUEST']._serialized_end=824
-  _globals['_HEALTHRESPONSE']._serialized_start=827
-  _globals['_HEALTHRESPONSE']._serialized_end=990
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=931
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=990
-  _globals['_EXPERTSHARD']._serialized_start=1186
-  _globals['_EXPERTSHARD']._serialized_end=1526
+  _globals['_EXPERTBATCH']._serialized_end=498
+  _globals['_EXPERTBATCH_TRACECONTEXTENTRY']._serialized_start=447
+  _globals['_EXPERTBATCH_TRACECONTEXTENTRY']._serialized_end=498
+  _globals['_EXPERTRESULT']._serialized_start=501
+  _globals['_EXPERTRESULT']._serialized_end=652
+  _globals['_INFOREQUEST']._serialized_start=654
+  _globals['_INFOREQUEST']._serialized_end=667
+  _globals['_LAYEREXPERTS']._serialized_start=669
+  _globals['_LAYEREXPERTS']._serialized_end=715
+  _globals['_SHARDINFO']._serialized_start=718
+  _globals['_SHARDINFO']._serialized_end=977
+  _globals['_HEALTHREQUEST']._serialized_start=979
+  _globals['_HEALTHREQUEST']._serialized_end=994
+  _globals['_HEALTHRESPONSE']._serialized_start=997
+  _globals['_HEALTHRESPONSE']._serialized_end=1160
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1101
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=1160
+  _globals['_EXPERTSHARD']._serialized_start=1379
+  _globals['_EXPERTSHARD']._serialized_end=1719
 # @@protoc_insertion_point(module_scope)

@@ -69,8 +69,11 @@ class ExpertShardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ForwardStream(self, request_iterator, context):
-        """Same work as Forward over one long-lived stream, saving per-call overhead. Results
-        may come back out of order; match them by batch_id.
+        """Same work as Forward over one long-lived stream per (sender, shard): what the
+        attention side uses, as it is several times cheaper per batch than a call each
+        (docs/wire.md). Results may come back out of order; match them by batch_id. A batch
+        the shard refuses or fails to compute is answered with ExpertResult.error (revision 2);
+        the stream itself fails only when the connection or the shard does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,3 +41,13 @@ def make_ckpt(tmp_path_factory):
 def tiny_ckpt(make_ckpt) -> Path:
     """The "tiny" preset (vocab 32000, v1 tokenizer), single file, seed 0."""
     return make_ckpt(preset("tiny"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module: shard processes share this machine's cores (an attention
+    side spinning two threads starves them), and sums then run in the shards' order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

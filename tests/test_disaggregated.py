@@ -3,7 +3,6 @@
 import asyncio
 
 import pytest
-import torch
 
 from attention_service.config import EngineConfig
 from attention_service.loader import connect_engine
@@ -17,12 +16,8 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread(one_torch_thread):
     """The shards share this machine's cores: an attention side spinning two threads starves them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -155,24 +155,39 @@ def test_bad_batch_is_invalid_argument(shard, case):
     assert message in e.value.details()
 
 
-def test_bad_batch_on_stream_fails_it_after_answering_earlier_ones(shard, oracle):
+def test_bad_batch_on_stream_is_answered_with_its_error_and_the_stream_goes_on(shard, oracle):
     y, ids, w = _inputs(6)
 
     async def run():
-        got = []
         async with grpc.aio.insecure_channel(shard.address, options=channel_options()) as ch:
             call = ch.stream_stream(FORWARD_STREAM, response_deserializer=_unpack_result)(timeout=30)
             await call.write(_pack(y, ids, w, batch_id=1))
-            await call.write(_bad(layer=5))
-            with pytest.raises(grpc.aio.AioRpcError) as e:
-                async for result in call:
-                    got.append(result)
-        return got, e.value
+            await call.write(_bad(layer=5))                      # batch id 1 too: _bad packs id 1
+            await call.write(_pack(y, ids, w, layer=1, batch_id=3))
+            await call.done_writing()
+            return [r async for r in call], await call.code()
 
-    got, error = asyncio.run(run())
-    assert [m.batch_id for m, _ in got] == [1]
+    got, code = asyncio.run(run())
+    assert code == grpc.StatusCode.OK and len(got) == 3
     _assert_matches(oracle, 0, y, ids, w, got[0])
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "layer 5 is not held" in error.details()
+    bad, tensors = got[1]
+    assert bad.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "layer 5 is not held" in bad.error
+    assert "output" not in tensors
+    _assert_matches(oracle, 1, y, ids, w, got[2])
+
+
+def test_unparseable_message_fails_the_stream(shard):
+    async def run():
+        async with grpc.aio.insecure_channel(shard.address, options=channel_options()) as ch:
+            call = ch.stream_stream(FORWARD_STREAM, response_deserializer=_unpack_result)(timeout=30)
+            await call.write(b"\xff\xff\xff")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for _ in call:
+                    pass
+        return e.value
+
+    error = asyncio.run(run())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in error.details()
 
 
 def test_oversize_batch_is_resource_exhausted(shard):
@@ -275,12 +290,11 @@ def test_busy_time_on_cpu_counts_the_cpu_a_batch_got_not_its_wait(spin):
     try:
         servicer = ExpertShardServicer(_TimedExperts(0.2, spin), D, "fp", "g0")
         y, ids, w = _inputs(4)
-        res = servicer._compute(pb.ExpertBatch(batch_id=1, layer=0), y, ids, w)
+        _, seconds, _ = servicer._compute(0, y, None, ids, w)
     finally:
         torch.set_num_threads(threads)
-    msg, _ = codec.unpack(pb.ExpertResult, res)
-    assert msg.compute_seconds >= 0.2                    # the wall time is still what the RPC reports
+    assert seconds >= 0.2                    # the wall time is still what the RPC reports
     if spin:
-        assert servicer.busy_seconds == pytest.approx(msg.compute_seconds, rel=0.25)
+        assert servicer.busy_seconds == pytest.approx(seconds, rel=0.25)
     else:
         assert servicer.busy_seconds < 0.05

@@ -120,7 +120,7 @@ class Attention:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.directory = get_directory(directory)
         version, addresses = await self._wait_for_experts(len(groups), wait_for_experts_s)
-        self.transport = GrpcTransport([addresses.get(g, []) for g in range(len(groups))])
+        self.transport = GrpcTransport([addresses.get(g, []) for g in range(len(groups))], wire_dtype=cfg.wire_dtype)
         engine, tokenizer = open_engine(ckpt, cfg, self.transport, placement)
         self.engine = AsyncEngine(engine, tokenizer)
         self.routing = engine.routing

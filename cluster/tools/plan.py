@@ -17,6 +17,7 @@ import re
 
 import msgspec
 
+from cluster.tools import forecast
 from mixtral.config import ModelConfig
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -270,6 +271,7 @@ def add_parser(sub) -> None:
                    help="replicas each expert group may scale to; sizes the experts worker group (default: 2)")
     q.add_argument("--values-out", metavar="FILE", help="write the plan as helm/moe-serve values (- for stdout)")
     q.add_argument("--json", action="store_true", help="print the plan as JSON")
+    forecast.add_arguments(q)
     q.set_defaults(fn=cmd_plan)
 
 
@@ -298,3 +300,8 @@ def cmd_plan(a) -> None:
         with open(a.values_out, "w") as f:
             f.write(text)
     print(msgspec.json.encode(p).decode() if a.json else describe(p))
+    if a.forecast:
+        try:
+            print(forecast.describe(mc, p, a))
+        except (ValueError, OSError) as e:
+            sys.exit(f"moe-serve plan --forecast: {e}")
