@@ -25,6 +25,9 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     micro_batches: int = 1
     # Cap on prompt + generation; unset means the model's max_position_embeddings.
     max_model_len: int | None = None
+    # Reuse the KV blocks of prompt prefixes seen before (system prompts, conversation
+    # history); off: every request prefills from scratch.
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_batched_tokens", "micro_batches"):
