@@ -8,8 +8,8 @@ cached blocks of its prompt's prefix (block_manager.py) and computes only what f
 
 When the KV cache runs out, the newest running sequence is preempted: its blocks are
 freed and it goes back to the front of the queue to be recomputed from its tokens so
-far (what of them is still cached is taken back, not recomputed). Sampling depends only on (seed, tokens so far), so the recompute gives the same
-tokens it would have.
+far (what of them is still cached is taken back, not recomputed). Sampling depends only
+on (seed, tokens so far), so the recompute gives the same tokens it would have.
 """
 
 from collections import deque

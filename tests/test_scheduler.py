@@ -766,7 +766,8 @@ def workloads(draw):
 
 
 def prompt_of(i: int, prompt: int, family: int, shared: int) -> list[int]:
-    return [10_000 * (family + 1) + t for t in range(shared)] + [1_000_000 * (i + 1) + t for t in range(prompt - shared)]
+    head = [10_000 * (family + 1) + t for t in range(shared)]
+    return head + [1_000_000 * (i + 1) + t for t in range(prompt - shared)]
 
 
 def _simulate(w, aborts=()):
