@@ -29,6 +29,9 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # (e4m3 with a scale per row: half of bf16's request bytes, results still in the
     # model's dtype; docs/wire.md gives its error).
     wire_dtype: str = "model"
+    # Reuse the KV blocks of prompt prefixes seen before (system prompts, conversation
+    # history); off: every request prefills from scratch.
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_batched_tokens", "micro_batches"):

@@ -42,9 +42,12 @@ def _cache_dir() -> Path:
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         pass
-    # The sources too: a changed kernel is built afresh rather than over the old one.
+    # The sources too: a changed kernel is built afresh rather than over the old one. And where
+    # they live: the build records their paths, so two checkouts sharing a folder would take
+    # turns rebuilding it.
     code = b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()) if p.suffix in (".cpp", ".h"))
-    tag = hashlib.sha256(f"{platform.machine()} {cpu} {torch.__version__}".encode() + code).hexdigest()[:12]
+    where = f"{platform.machine()} {cpu} {torch.__version__} {_CSRC}"
+    tag = hashlib.sha256(where.encode() + code).hexdigest()[:12]
     return CACHE / "kernels" / f"attention-{tag}"
 
 

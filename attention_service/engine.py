@@ -11,7 +11,7 @@ import logging
 import torch
 from opentelemetry import trace
 
-from attention_service.block_manager import BlockManager
+from attention_service.block_manager import BlockManager, PrefixCacheStats
 from attention_service.config import EngineConfig
 from attention_service.errors import RequestError
 from attention_service.kv_cache import KVCache
@@ -39,7 +39,7 @@ class Engine:
         budget = cfg.kv_cache_bytes or _default_kv_budget(model.device, cfg.kv_cache_fraction)
         self.kv = KVCache.from_budget(budget, cfg.block_size, mc.num_hidden_layers, model.n_kv_heads,
                                       model.dim_head, model.dtype, model.device)
-        self.blocks = BlockManager(self.kv.num_blocks, cfg.block_size)
+        self.blocks = BlockManager(self.kv.num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_batched_tokens)
         self.runner = ModelRunner(model, self.kv, transport, placement, cfg.micro_batches)
         self.routing = RoutingStats(placement.group_of)
@@ -82,6 +82,11 @@ class Engine:
     def kv_usage(self) -> float:
         """Fraction of KV cache blocks in use."""
         return self.blocks.usage
+
+    @property
+    def prefix_stats(self) -> PrefixCacheStats:
+        """Prefix cache lookups, hits and evictions so far."""
+        return self.blocks.stats
 
     @property
     def num_preemptions(self) -> int:

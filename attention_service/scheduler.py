@@ -3,12 +3,13 @@
 Every step the scheduler hands out a token budget: first one token to each sequence
 that is decoding, so streams keep flowing, then what is left to prompts in chunks, so a
 64K-token prompt is fed in over many steps beside them. Sequences join the moment their
-first chunk fits and leave the moment they finish.
+first chunk fits and leave the moment they finish. A joining sequence first takes the
+cached blocks of its prompt's prefix (block_manager.py) and computes only what follows.
 
 When the KV cache runs out, the newest running sequence is preempted: its blocks are
 freed and it goes back to the front of the queue to be recomputed from its tokens so
-far. Sampling depends only on (seed, tokens so far), so the recompute gives the same
-tokens it would have.
+far (what of them is still cached is taken back, not recomputed). Sampling depends only
+on (seed, tokens so far), so the recompute gives the same tokens it would have.
 """
 
 from collections import deque
@@ -78,11 +79,13 @@ class Scheduler:
         admit = self.num_preemptions == preemptions_before
         while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self.blocks.can_allocate(seq, seq.num_computed + n):
+            # Its cached prefix comes for free: the budget pays for the rest.
+            cached = len(self.blocks.cached_prefix(seq)) * self.blocks.block_size
+            n = min(seq.num_tokens - cached, budget)
+            if not self.blocks.can_start(seq, n):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq, seq.num_computed + n)
+            self.blocks.start(seq, n)
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.append(Scheduled(seq, n))
@@ -115,6 +118,7 @@ class Scheduler:
             if seq.is_finished:          # cancelled while its step was in flight
                 continue
             seq.num_computed += s.num_tokens
+            self.blocks.commit(seq)
             if tok is None:
                 continue
             if isinstance(tok, Failed):

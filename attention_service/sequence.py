@@ -28,6 +28,7 @@ class Sequence:
         self.seed = params.seed if params.seed is not None else seed
         self.num_computed = 0            # tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []   # names of its full, computed blocks (prefix caching)
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.error: str | None = None    # why it finished with "error"

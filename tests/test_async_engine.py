@@ -26,6 +26,7 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def test_twenty_concurrent_streams_each_get_their_single_run_tokens(tiny_ckpt):
+    transformers = pytest.importorskip("transformers")
     prompts = _prompts(20)
 
     async def run():
@@ -44,7 +45,6 @@ def test_twenty_concurrent_streams_each_get_their_single_run_tokens(tiny_ckpt):
 
     out, ae = asyncio.run(run())
     engine, tok = build_engine(tiny_ckpt)
-    transformers = pytest.importorskip("transformers")
     hf = transformers.MixtralForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
     for p, (ids, text, last) in zip(prompts, out):
         (single,) = asyncio.run(engine.generate([p], GREEDY))

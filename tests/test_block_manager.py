@@ -1,6 +1,7 @@
 """BlockManager: the KV cache's free list and per-sequence block tables. No model, no torch."""
 
 import math
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
@@ -305,3 +306,141 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 BlockManagerMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 test_block_manager_state_machine = BlockManagerMachine.TestCase
+
+
+# --- prefix caching ---------------------------------------------------------------------------
+
+def run_prompt(bm: BlockManager, tokens: list[int]) -> Sequence:
+    """A sequence started on its cached prefix and computed to the end of its prompt."""
+    s = Sequence(list(tokens), SamplingParams(), seed=0)
+    cached = len(bm.cached_prefix(s)) * bm.block_size
+    assert bm.can_start(s, len(tokens) - cached)
+    bm.start(s, len(tokens) - cached)
+    s.num_computed = len(tokens)
+    bm.commit(s)
+    return s
+
+
+def test_a_shared_prompt_prefix_is_computed_once():
+    bm = BlockManager(16, 4)
+    a = run_prompt(bm, list(range(10, 20)))                  # 10 tokens: 2 full blocks named, 1 partial
+    assert len(a.block_hashes) == 2 and bm.num_free == 13
+    b = Sequence(list(range(10, 18)) + [99, 98, 97], SamplingParams(), seed=0)
+    assert bm.cached_prefix(b) == a.block_table[:2]
+    bm.start(b, 3)
+    assert b.num_computed == 8 and b.block_table[:2] == a.block_table[:2]
+    assert [bm.ref_count[x] for x in a.block_table] == [2, 2, 1]
+    assert bm.num_free == 12                                  # b took one fresh block only
+    assert (bm.stats.hit_blocks, bm.stats.hit_tokens, bm.stats.queried_tokens) == (2, 8, 21)
+    all_blocks_accounted_shared(bm, [a, b])
+
+
+def test_the_block_of_the_last_prompt_token_is_always_computed():
+    bm = BlockManager(16, 4)
+    a = run_prompt(bm, list(range(10, 18)))                   # exactly 2 full blocks
+    again = Sequence(list(range(10, 18)), SamplingParams(), seed=0)
+    assert bm.cached_prefix(again) == a.block_table[:1]       # the second holds the last token
+    bm.start(again, 4)
+    assert again.num_computed == 4 and again.block_table[1] != a.block_table[1]
+
+
+def test_a_block_is_named_by_its_whole_prefix_not_its_own_tokens():
+    bm = BlockManager(16, 4)
+    run_prompt(bm, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    shifted = Sequence([0, 0, 0, 0, 5, 6, 7, 8, 9], SamplingParams(), seed=0)   # same 2nd block, other 1st
+    assert bm.cached_prefix(shifted) == []
+
+
+def test_only_full_computed_blocks_are_named():
+    bm = BlockManager(16, 4)
+    s = Sequence(list(range(10, 21)), SamplingParams(), seed=0)
+    bm.start(s, 11)
+    s.num_computed = 6                                        # a prompt chunk: block 1 half computed
+    bm.commit(s)
+    assert len(s.block_hashes) == 1 and s.block_table[0] in bm.hash_of and s.block_table[1] not in bm.hash_of
+    s.num_computed = 11
+    bm.commit(s)
+    assert len(s.block_hashes) == 2 and s.block_table[2] not in bm.hash_of
+
+
+def test_freed_blocks_stay_cached_until_evicted_leaves_first():
+    bm = BlockManager(4, 2)
+    a = run_prompt(bm, [1, 2, 3, 4, 5, 6, 7])                 # 3 named blocks + 1 partial: the cache is full
+    named = a.block_table[:3]
+    bm.free(a)
+    assert bm.num_free == 4 and bm.usage == 0.0 and list(bm.cached_free) == named[::-1]
+    b = Sequence([50, 51, 52], SamplingParams(), seed=0)
+    bm.start(b, 3)                                            # 2 fresh blocks: the uncached one, then a leaf
+    assert bm.stats.evictions == 1 and named[2] not in bm.hash_of and named[0] in bm.hash_of
+    again = Sequence([1, 2, 3, 4, 5, 6, 7], SamplingParams(), seed=0)
+    assert bm.cached_prefix(again) == named[:2]               # the root survives with its child
+    all_blocks_accounted_shared(bm, [b])
+
+
+def test_prefix_caching_off_shares_nothing():
+    bm = BlockManager(16, 4, prefix_caching=False)
+    a = run_prompt(bm, list(range(10, 20)))
+    assert a.block_hashes == [] and not bm.hash_of
+    b = Sequence(list(range(10, 20)), SamplingParams(), seed=0)
+    assert bm.cached_prefix(b) == []
+    bm.free(a)
+    assert list(bm.cached_free) == [] and bm.num_free == 16
+
+
+def all_blocks_accounted_shared(bm: BlockManager, seqs) -> None:
+    """With sharing: every block free, cached-and-free or held; held ones counted right; a block
+    held twice is named and fully computed by each holder."""
+    held = Counter(b for s in seqs for b in s.block_table)
+    free, cached = list(bm.free_blocks), list(bm.cached_free)
+    assert sorted(list(held) + free + cached) == list(range(bm.num_blocks))
+    assert all(bm.ref_count[b] == n for b, n in held.items())
+    assert all(bm.ref_count[b] == 0 for b in free + cached) and all(b in bm.hash_of for b in cached)
+    for s in seqs:
+        for i, b in enumerate(s.block_table):
+            if held[b] > 1:
+                assert b in bm.hash_of and (i + 1) * bm.block_size <= s.num_computed
+    assert {h: b for b, h in bm.hash_of.items()} == bm.block_of
+
+
+class SharingMachine(RuleBasedStateMachine):
+    """Sequences from a few prompt families start on their cached prefixes, compute in chunks,
+    and are freed; the pool never loses, duplicates or overwrites a shared block."""
+
+    @initialize(num_blocks=st.integers(2, 16), block_size=st.integers(1, 4))
+    def setup(self, num_blocks, block_size):
+        self.bm = BlockManager(num_blocks, block_size)
+        self.live: list[Sequence] = []
+
+    @rule(family=st.integers(0, 2), shared=st.integers(0, 12), tail=st.integers(1, 6))
+    def start(self, family, shared, tail):
+        s = Sequence([100 * (family + 1) + t for t in range(shared)] + [7_000 + len(self.live) * 10 + t
+                                                                          for t in range(tail)],
+                     SamplingParams(), seed=0)
+        rest = s.num_tokens - len(self.bm.cached_prefix(s)) * self.bm.block_size
+        if self.bm.can_start(s, rest):
+            self.bm.start(s, rest)
+            assert s.num_computed < s.num_tokens
+            self.live.append(s)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def compute(self, data):
+        s = data.draw(st.sampled_from(self.live))
+        s.num_computed = data.draw(st.integers(s.num_computed, s.num_tokens))
+        self.bm.commit(s)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def free(self, data):
+        s = data.draw(st.sampled_from(self.live))
+        self.bm.free(s)
+        self.live.remove(s)
+
+    @invariant()
+    def accounted(self):
+        if hasattr(self, "bm"):
+            all_blocks_accounted_shared(self.bm, self.live)
+
+
+TestSharing = SharingMachine.TestCase
+TestSharing.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)

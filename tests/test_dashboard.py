@@ -15,8 +15,11 @@ import torch
 from fastapi import FastAPI
 
 from attention_service.async_engine import Delta
+from attention_service.block_manager import BlockManager
 from attention_service.errors import RequestError
 from attention_service.grpc_transport import RpcInstruments, WireStats
+from attention_service.sampling_params import SamplingParams
+from attention_service.sequence import Sequence
 from cluster.api import request_telemetry
 from cluster.observe import dashboard, telemetry
 from cluster.observe.dashboard_data import histogram_quantile, summarize
@@ -33,6 +36,26 @@ class Busy:
     def __init__(self, group: int, replica: str, seconds: float):
         self.busy_seconds, self.labels = seconds, {"group": str(group), "replica": replica}
         self.pairs = int(seconds * 1000)
+
+
+class EngineCounts:
+    """What an engine exposes to telemetry: its prefix cache's counts (a real block manager's) and
+    its preemptions."""
+
+    def __init__(self):
+        self.blocks, self.num_preemptions = BlockManager(64, 4), 0
+
+    @property
+    def prefix_stats(self):
+        return self.blocks.stats
+
+    def serve(self, prompt: list[int]) -> None:
+        s = Sequence(prompt, SamplingParams(), seed=0)
+        rest = s.num_tokens - len(self.blocks.cached_prefix(s)) * self.blocks.block_size
+        self.blocks.start(s, rest)
+        s.num_computed = s.num_tokens
+        self.blocks.commit(s)
+        self.blocks.free(s)
 
 
 def route(stats: RoutingStats, tokens: int, seed: int, hot: int = 1) -> None:
@@ -57,6 +80,9 @@ class App:
         self.rpc = RpcInstruments.on(self.attention.meter)
         self.attention.wire_sources.add(self.wire)
         self.busy = [Busy(g, f"10.0.0.{g}:{r}", 3.0 * g + r) for g in range(GROUPS) for r in range(2)]
+        self.engine = EngineCounts()
+        self.attention.engine_sources.add(self.engine)
+        self.engine.serve(list(range(100, 110)))
         for b in self.busy:
             self.expert.busy_sources.add(b)
 
@@ -278,6 +304,9 @@ def test_groups_and_requests(app):
     app.record_attention([0.002] * 40, REPORT)
     for s in (4, 6):                           # two more requests: 4 and 6 output tokens
         app.front.token_usage.record(s, {"gen_ai.token.type": "output", "gen_ai.request.model": "tiny"})
+    app.engine.serve(list(range(100, 109)) + [7, 7, 7])   # 12 tokens, 8 of them the cached 2 blocks
+    app.engine.serve(list(range(200, 212)))               # 12 tokens, none cached
+    app.engine.num_preemptions += 3
     out = summarize(app.families(), before, 4.0, REPORT)
     json.dumps(out, allow_nan=False)
     groups = {g["group"]: g for g in out["groups"]}
@@ -295,6 +324,7 @@ def test_groups_and_requests(app):
     assert (r["running"], r["waiting"], r["kv_usage"]) == (5, 2, pytest.approx(0.42))
     assert r["outcomes"] == {"stop": 2, "rejected": 1, "error": 1} and r["errors"] == 2 and r["total"] == 4
     assert out["attention"] == {"current": 2, "target": 2, "load": 7.0, "pressure": 0.42}
+    assert r["prefix_hit_rate"] == pytest.approx(8 / 24) and r["preemptions"] == 3 and r["prefix_evictions"] == 0
 
 
 def test_nothing_recorded_yet():

@@ -23,8 +23,14 @@ def test_stubs_are_current(tmp_path):
     assert not stale, f"stale generated stubs {stale}{hint}: run `make protos`"
 
 
-def test_generated_modules_import():
-    assert expert_pb2_grpc.ExpertShardStub and generation_pb2_grpc.GenerationStub
+def test_generated_stubs_have_every_rpc_of_the_contract():
+    channel = grpc.insecure_channel("127.0.0.1:9")            # never connected: stubs are built lazily
+    for module, stub_cls, service in ((pb, expert_pb2_grpc.ExpertShardStub, "ExpertShard"),
+                                      (generation_pb2, generation_pb2_grpc.GenerationStub, "Generation")):
+        stub = stub_cls(channel)
+        methods = [m.name for m in module.DESCRIPTOR.services_by_name[service].methods]
+        assert methods and all(callable(getattr(stub, m)) for m in methods), (service, methods)
+    channel.close()
     req = generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=[1, 2]))
     assert req.WhichOneof("prompt") == "token_ids"
     assert not req.HasField("temperature") and not req.HasField("seed")

@@ -7,6 +7,8 @@ on the sequence's own history, like seeded sampling does: a recompute after pree
 give back exactly the same outputs, and a lost or repeated position shows up in output_ids.
 """
 
+import collections
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -40,13 +42,19 @@ class Ran:
     samples: bool
 
 
+_prompts = itertools.count()
+
+
 def req(prompt_len: int, max_tokens: int = 8, **params) -> Sequence:
+    """A request whose prompt no other request shares (so no prefix is cached across them)."""
     params.setdefault("ignore_eos", False)
-    return Sequence(list(range(100, 100 + prompt_len)), SamplingParams(max_tokens=max_tokens, **params), seed=0)
+    first = 100 + 100_000 * next(_prompts)
+    return Sequence(list(range(first, first + prompt_len)), SamplingParams(max_tokens=max_tokens, **params), seed=0)
 
 
-def make(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8, max_batched_tokens: int = 64) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs=max_num_seqs,
+def make(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8, max_batched_tokens: int = 64,
+         prefix_caching: bool = True) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, block_size, prefix_caching), max_num_seqs=max_num_seqs,
                      max_batched_tokens=max_batched_tokens)
 
 
@@ -63,9 +71,25 @@ def check_invariants(sched: Scheduler) -> None:
     for s in waiting:
         assert s.status is Status.WAITING
         assert s.block_table == [] and s.num_computed == 0, s
-    owned = [b for s in running for b in s.block_table]
-    assert len(owned) == len(set(owned)), "a block is owned by two sequences"
-    assert sorted(owned + list(bm.free_blocks)) == list(range(bm.num_blocks)), "blocks lost or duplicated"
+    blocks_accounted(bm, running)
+
+
+def blocks_accounted(bm: BlockManager, holders) -> None:
+    """Every block is free, cached-and-free, or held, exactly one of them; a held block's count
+    is the tables holding it; a block held twice is a named one, full of computed tokens of
+    every holder; names and blocks map one to one."""
+    held = collections.Counter(b for s in holders for b in s.block_table)
+    free, cached = list(bm.free_blocks), list(bm.cached_free)
+    assert len(free) == len(set(free)) and not set(free) & set(cached), "a block is free twice"
+    assert sorted(list(held) + free + cached) == list(range(bm.num_blocks)), "blocks lost or duplicated"
+    assert all(bm.ref_count[b] == n for b, n in held.items()), "reference count off"
+    assert all(bm.ref_count[b] == 0 for b in free + cached)
+    assert all(b in bm.hash_of for b in cached), "an unnamed block kept as cached"
+    for s in holders:
+        for i, b in enumerate(s.block_table):
+            if held[b] > 1:
+                assert b in bm.hash_of and (i + 1) * bm.block_size <= s.num_computed, "a shared block may be written"
+    assert {h: b for b, h in bm.hash_of.items()} == bm.block_of
 
 
 def step(sched: Scheduler, token=fake_token, check: bool = True) -> list[Ran]:
@@ -387,9 +411,9 @@ def test_many_requests_on_a_tiny_cache_all_finish():
 
 # --- preemption -------------------------------------------------------------------------------
 
-def _three_full(max_tokens: tuple[int, int, int] = (8, 8, 8), budget: int = 64):
+def _three_full(max_tokens: tuple[int, int, int] = (8, 8, 8), budget: int = 64, prefix_caching: bool = True):
     """A, B, C prefilled into a 5-block cache (1 + 2 + 2 blocks of 4): nothing free."""
-    sched = make(num_blocks=5, block_size=4, max_batched_tokens=budget)
+    sched = make(num_blocks=5, block_size=4, max_batched_tokens=budget, prefix_caching=prefix_caching)
     a, b, c = req(4, max_tokens[0]), req(5, max_tokens[1]), req(6, max_tokens[2])
     for s in (a, b, c):
         sched.add(s)
@@ -400,14 +424,14 @@ def _three_full(max_tokens: tuple[int, int, int] = (8, 8, 8), budget: int = 64):
 
 def test_cannot_grow_preempts_the_newest_running_sequence():
     sched, a, b, c = _three_full()
-    c_tokens = list(c.token_ids)
+    c_tokens, c_prompt = list(c.token_ids), c.token_ids[:6]
     ran = step(sched)                    # a needs a 2nd block for its 5th token: c must go
     assert [r.seq for r in ran] == [a, b]
     assert sched.num_preemptions == 1
     assert sched.running == [a, b] and list(sched.waiting) == [c]
     assert c.status is Status.WAITING and c.num_computed == 0 and c.block_table == []
     assert c.token_ids == c_tokens and c.output_ids == [1000]      # prompt + generated so far, intact
-    assert c.token_ids[:6] == list(range(100, 106))
+    assert c.token_ids[:6] == c_prompt
 
 
 def test_preempted_sequence_goes_to_the_front_of_the_queue():
@@ -419,7 +443,7 @@ def test_preempted_sequence_goes_to_the_front_of_the_queue():
 
 
 def test_a_step_that_preempted_admits_nobody():
-    sched, a, b, c = _three_full()
+    sched, a, b, c = _three_full(prefix_caching=False)
     # with 1 token of budget left after the two decodes, c's first recompute chunk would fit
     # in the one block left free after a grows; the step that preempted must still admit nobody
     sched.max_batched_tokens = 3
@@ -431,7 +455,7 @@ def test_a_step_that_preempted_admits_nobody():
 
 
 def test_preempted_sequence_is_recomputed_from_scratch_and_continues():
-    sched, a, b, c = _three_full(max_tokens=(2, 3, 5))
+    sched, a, b, c = _three_full(max_tokens=(2, 3, 5), prefix_caching=False)
     step(sched)                          # c preempted; a finishes
     assert c.status is Status.WAITING and a.is_finished
     ran = by_seq(step(sched))
@@ -441,6 +465,19 @@ def test_preempted_sequence_is_recomputed_from_scratch_and_continues():
     run_to_end(sched)
     assert c.output_ids == expected_outputs(5) and c.finish_reason == "length"
     assert b.output_ids == expected_outputs(3)
+    assert sched.blocks.num_free == 5
+
+
+def test_preempted_sequence_restarts_from_its_cached_blocks():
+    sched, a, b, c = _three_full(max_tokens=(2, 3, 5))
+    step(sched)                          # c preempted (its full first block stays cached); a finishes
+    assert c.status is Status.WAITING and a.is_finished and c.block_table == []
+    ran = by_seq(step(sched))
+    r = ran[c.seq_id]
+    assert (r.start, r.n, r.samples) == (4, 3, True)      # the cached block back, tokens 4-6 computed
+    assert sched.blocks.stats.hit_blocks == 1
+    run_to_end(sched)
+    assert c.output_ids == expected_outputs(5) and b.output_ids == expected_outputs(3)
     assert sched.blocks.num_free == 5
 
 
@@ -489,6 +526,7 @@ def test_preemption_of_a_partly_prefilled_sequence_restarts_its_prompt():
     sched = make(num_blocks=4, block_size=2, max_batched_tokens=4)
     a = req(3, max_tokens=5)             # up to 7 cached tokens of 8
     p = req(6, max_tokens=1)
+    p_prompt = list(p.token_ids)
     sched.add(a)
     sched.add(p)
     assert [(r.seq, r.start, r.n) for r in step(sched)] == [(a, 0, 3), (p, 0, 1)]
@@ -496,8 +534,8 @@ def test_preemption_of_a_partly_prefilled_sequence_restarts_its_prompt():
     assert sched.blocks.num_free == 0
     assert [r.seq for r in step(sched)] == [a]        # a needs a 3rd block: p (4 of 6 in) goes
     assert p.status is Status.WAITING and p.num_computed == 0 and p.output_ids == []
-    assert p.token_ids == list(range(100, 106))
-    while not a.is_finished:
+    assert p.token_ids == p_prompt
+    while not a.is_finished:                         # a's growth evicts p's cached blocks, leaves first
         assert [r.seq for r in step(sched)] == [a]
     assert [(r.seq, r.start, r.n, r.samples) for r in step(sched)] == [(p, 0, 4, False)]
     assert [(r.seq, r.start, r.n, r.samples) for r in step(sched)] == [(p, 4, 2, True)]
@@ -719,14 +757,21 @@ def workloads(draw):
         # at most prompt + max_tokens - 1 tokens are ever cached: allow exactly filling the cache
         max_tokens = draw(st.integers(1, min(cap - prompt + 1, 12)))
         arrive = draw(st.integers(0, 12))
-        reqs.append((arrive, prompt, max_tokens))
+        # Requests of one family share their first `shared` prompt tokens: cached prefixes.
+        family, shared = draw(st.integers(0, 2)), draw(st.integers(0, prompt))
+        reqs.append((arrive, prompt, max_tokens, family, shared))
     return dict(block_size=block_size, num_blocks=num_blocks,
                 max_num_seqs=draw(st.integers(1, 5)), max_batched_tokens=draw(st.integers(1, 24)),
-                reqs=reqs)
+                prefix_caching=draw(st.booleans()), reqs=reqs)
+
+
+def prompt_of(i: int, prompt: int, family: int, shared: int) -> list[int]:
+    head = [10_000 * (family + 1) + t for t in range(shared)]
+    return head + [1_000_000 * (i + 1) + t for t in range(prompt - shared)]
 
 
 def _simulate(w, aborts=()):
-    sched = make(w["num_blocks"], w["block_size"], w["max_num_seqs"], w["max_batched_tokens"])
+    sched = make(w["num_blocks"], w["block_size"], w["max_num_seqs"], w["max_batched_tokens"], w["prefix_caching"])
     pending = sorted(enumerate(w["reqs"]), key=lambda x: x[1][0])
     seqs: dict[int, Sequence] = {}
     next_pos: dict[int, int] = {}
@@ -734,8 +779,9 @@ def _simulate(w, aborts=()):
     t = 0
     while pending or sched.has_work:
         while pending and pending[0][1][0] <= t:
-            i, (_, prompt, max_tokens) = pending.pop(0)
-            s = req(prompt, max_tokens, ignore_eos=True)
+            i, (_, prompt, max_tokens, family, shared) = pending.pop(0)
+            s = Sequence(prompt_of(i, prompt, family, shared), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                         seed=0)
             sched.add(s)
             seqs[i] = s
             next_pos[s.seq_id] = 0
@@ -749,6 +795,8 @@ def _simulate(w, aborts=()):
         waiting_before = list(sched.waiting)
         decoders = [s for s in running_before if s.num_tokens - s.num_computed == 1]
         pre_before = sched.num_preemptions
+        bs = sched.blocks.block_size
+        cached = {s.seq_id: len(sched.blocks.cached_prefix(s)) * bs for s in waiting_before}
 
         scheduled = sched.schedule()
         ran = [Ran(x.seq, x.seq.num_computed, x.num_tokens, x.samples) for x in scheduled]
@@ -761,7 +809,12 @@ def _simulate(w, aborts=()):
         assert len({r.seq.seq_id for r in ran}) == len(ran)
         for r in ran:
             assert r.seq.status is Status.RUNNING
-            assert r.start == next_pos[r.seq.seq_id], "positions skipped or repeated"
+            if r.seq in waiting_before:
+                # a joining sequence starts on its cached prefix: whole blocks, at most what was cached
+                assert r.start % bs == 0 and r.start <= cached[r.seq.seq_id] < r.seq.num_tokens
+                assert w["prefix_caching"] or r.start == 0
+            else:
+                assert r.start == next_pos[r.seq.seq_id], "positions skipped or repeated"
             assert r.samples == (r.start + r.n == r.seq.num_tokens)
             assert len(r.seq.block_table) * sched.blocks.block_size >= r.start + r.n
         # decodes first: if any prompt chunk got budget, every decoder still running got 1 token
@@ -785,8 +838,6 @@ def _simulate(w, aborts=()):
             assert not admitted
             survivors = [s for s in running_before if s.status is Status.RUNNING]
             assert all(p.arrival > s.arrival for p in preempted for s in survivors)
-            for p in preempted:
-                next_pos[p.seq_id] = 0
             assert list(sched.waiting)[:len(preempted)] == sorted(preempted, key=lambda s: s.arrival)
 
         sched.postprocess(scheduled, [fake_token(r.seq) if r.samples else None for r in ran], EOS)
@@ -802,11 +853,11 @@ def _simulate(w, aborts=()):
 @given(w=workloads())
 def test_random_workloads_always_finish_with_every_block_back(w):
     sched, seqs = _simulate(w)
-    for i, (_, prompt, max_tokens) in enumerate(w["reqs"]):
+    for i, (_, prompt, max_tokens, family, shared) in enumerate(w["reqs"]):
         s = seqs[i]
         assert s.is_finished and s.finish_reason == "length"
         assert s.num_output == max_tokens and s.output_ids == expected_outputs(max_tokens)
-        assert s.token_ids[:prompt] == list(range(100, 100 + prompt))
+        assert s.token_ids[:prompt] == prompt_of(i, prompt, family, shared)
         assert s.block_table == []
     assert sched.blocks.num_free == w["num_blocks"]
     assert not sched.running and not sched.waiting
@@ -818,7 +869,7 @@ def test_random_workloads_with_aborts_finish_with_every_block_back(w, data):
     n = len(w["reqs"])
     aborts = data.draw(st.dictionaries(st.integers(0, 40), st.integers(0, max(0, n - 1)), max_size=3)) if n else {}
     sched, seqs = _simulate(w, aborts.items())
-    for i, (_, prompt, max_tokens) in enumerate(w["reqs"]):
+    for i, (_, prompt, max_tokens, _family, _shared) in enumerate(w["reqs"]):
         s = seqs[i]
         assert s.is_finished and s.block_table == []
         if s.finish_reason == "length":

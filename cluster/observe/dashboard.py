@@ -97,6 +97,19 @@ PANELS: tuple[Panel, ...] = (
     Panel("kv", "KV cache use", "gauge",
           (Query("avg(moe_serve_kv_cache_usage)", "mean"), Query("max(moe_serve_kv_cache_usage)", "fullest replica")),
           "percentunit", REQUESTS, 8, page=True),
+    Panel("prefix", "Prefix cache hit rate", "timeseries",
+          (Query(f"sum(rate(moe_serve_prefix_cache_hit_tokens_total[{RATE}])) / "
+                 f"sum(rate(moe_serve_prefix_cache_queried_tokens_total[{RATE}]))", "tokens"),
+           Query(f"sum(rate(moe_serve_prefix_cache_hit_blocks_total[{RATE}])) / "
+                 f"sum(rate(moe_serve_prefix_cache_queried_blocks_total[{RATE}]))", "full blocks")),
+          "percentunit", REQUESTS, 8, page=True,
+          description="Share of prompt tokens (and full blocks) whose KV came from the cache instead of a prefill."),
+    Panel("evictions", "Cache evictions and preemptions/s", "timeseries",
+          (Query(f"sum(rate(moe_serve_prefix_cache_evictions_total[{RATE}]))", "evicted blocks"),
+           Query(f"sum(rate(moe_serve_preemptions_total[{RATE}]))", "preempted sequences")),
+          "short", REQUESTS, 8, page=True,
+          description="Evictions: cached blocks reused for new work. Preemptions: sequences sent back to wait "
+                      "(and recomputed) because the KV cache was full."),
     Panel("errors", "Failed and rejected requests/s", "timeseries",
           (Query(f'sum by (outcome) (rate(moe_serve_requests_total{{outcome=~"error|rejected"}}[{RATE}]))',
                  "{{outcome}}"),), "reqps", REQUESTS, 12, page=True),

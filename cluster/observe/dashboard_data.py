@@ -190,6 +190,10 @@ def requests(w: Window) -> dict:
     for s in now.get("moe_serve_requests_total", ()):
         outcomes[s.labels.get("outcome", "")] += s.value
     kv = [s.value for s in now.get("moe_serve_kv_cache_usage", ())]
+    grown = {name: sum(_increase(w, f"moe_serve_{name}_total").values())
+             for name in ("prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "prefix_cache_evictions",
+                          "preemptions")}
+    queried = grown["prefix_cache_queried_tokens"]
     return {
         "ttft_p50": histogram_quantile(0.5, ttft), "ttft_p99": histogram_quantile(0.99, ttft),
         "tpot_p50": histogram_quantile(0.5, tpot), "tpot_p99": histogram_quantile(0.99, tpot),
@@ -199,6 +203,9 @@ def requests(w: Window) -> dict:
         "kv_usage": _mean(kv), "kv_usage_max": max(kv, default=None),
         "errors": outcomes["error"] + outcomes["rejected"], "total": sum(outcomes.values()),
         "outcomes": dict(outcomes),
+        # Over the window (since start on a first gather): prompt tokens served from the prefix cache.
+        "prefix_hit_rate": grown["prefix_cache_hit_tokens"] / queried if queried else None,
+        "prefix_evictions": grown["prefix_cache_evictions"], "preemptions": grown["preemptions"],
     }
 
 

@@ -123,6 +123,7 @@ class Telemetry:
         self.routing_sources: weakref.WeakSet = weakref.WeakSet()    # router.routing_stats.RoutingStats
         self.wire_sources: weakref.WeakSet = weakref.WeakSet()       # grpc_transport.WireStats
         self.busy_sources: weakref.WeakSet = weakref.WeakSet()       # objects with .busy_seconds, .pairs, .labels
+        self.engine_sources: weakref.WeakSet = weakref.WeakSet()     # attention_service.engine.Engine
         self._observe_counter("moe_serve.router.routed_tokens", "{token}",
                               "Routed (token, expert) pairs, per layer, expert and group", self._routed)
         self._observe_counter("moe_serve.wire.bytes", "By", "Expert RPC message bytes, per group and direction",
@@ -131,6 +132,17 @@ class Telemetry:
                               lambda: [(s.busy_seconds, s.labels) for s in list(self.busy_sources)])
         self._observe_counter("moe_serve.expert.pairs", "{pair}", "(token, expert) pairs an expert replica computed",
                               lambda: [(s.pairs, s.labels) for s in list(self.busy_sources)])
+        for field, unit, what in (("queried_tokens", "{token}", "Prompt tokens looked up in the prefix cache"),
+                                  ("hit_tokens", "{token}", "Prompt tokens whose KV came from the prefix cache"),
+                                  ("queried_blocks", "{block}", "Full prompt blocks looked up in the prefix cache"),
+                                  ("hit_blocks", "{block}", "Full prompt blocks found in the prefix cache"),
+                                  ("evictions", "{block}", "Cached KV blocks evicted to make room")):
+            self._observe_counter(f"moe_serve.prefix_cache.{field}", unit, what,
+                                  lambda f=field: [(sum(getattr(e.prefix_stats, f) for e in list(self.engine_sources)),
+                                                    {})])
+        self._observe_counter("moe_serve.preemptions", "{sequence}",
+                              "Running sequences preempted for KV cache room (recomputed later)",
+                              lambda: [(sum(e.num_preemptions for e in list(self.engine_sources)), {})])
 
     def _observe_counter(self, name: str, unit: str, description: str,
                          fn: Callable[[], Iterable[tuple[float, dict]]]) -> None:

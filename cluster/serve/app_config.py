@@ -97,11 +97,29 @@ class AutoscalingSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     look_back_period_s: float = 5.0
 
 
+class PrefixRouting(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which Attention replica takes a request (cluster/serve/prefix_router.py)."""
+
+    # On: requests that open alike go to the same replica, where that prefix's KV is cached.
+    # Off: the least loaded of two random replicas, Serve's default.
+    enabled: bool = True
+    # Leading full KV blocks that name a request for routing: longer sees deeper into the
+    # conversation, shorter groups more requests together.
+    blocks: int = 4
+    # Requests more on the preferred replica than on the least loaded before load wins.
+    max_imbalance: int = 8
+
+    def __post_init__(self) -> None:
+        if self.blocks < 1 or self.max_imbalance < 1:
+            raise ConfigError("prefix_routing.blocks and max_imbalance must be at least 1")
+
+
 class AttentionSpec(Resources, frozen=True, forbid_unknown_fields=True):
     replicas: int = 1
     # One engine batches every request its replica holds: size to the engine, not Serve's default of 5.
     max_ongoing_requests: int = 256
     engine: EngineConfig = EngineConfig()
+    prefix_routing: PrefixRouting = PrefixRouting()
 
 
 class GroupSpec(Resources, frozen=True, forbid_unknown_fields=True):

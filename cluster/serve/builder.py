@@ -13,15 +13,25 @@ import time
 import msgspec
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from cluster.observe.names import ATTENTION, FRONTEND, GROUP_PREFIX
-from cluster.serve.app_config import AppConfig, Resources, decode, default_model, group_scaling, resolve_groups
+from cluster.serve.app_config import (
+    AppConfig,
+    AttentionSpec,
+    Resources,
+    decode,
+    default_model,
+    group_scaling,
+    resolve_groups,
+)
 from cluster.serve.deployments import Attention, ExpertGroup
 from cluster.serve.frontend import Frontend
 from mixtral.checkpoint import Checkpoint
 
 GRPC_SERVICERS = ["protos.generation_pb2_grpc.add_GenerationServicer_to_server"]
 POLICY = "cluster.serve.autoscale_policy:AppPolicy"
+PREFIX_ROUTER = "cluster.serve.prefix_router:PrefixAffinityRouter"
 # Serve's throughput settings (its performance guide's; Ray 2.60 still defaults to 1): user
 # code and handle routing on the replica's own event loop, not on threads of their own.
 # Every token crosses two streaming handles (Attention -> Frontend -> proxy), and each item
@@ -63,6 +73,17 @@ def _replicas(cfg: AppConfig, initial: int, lo: int, hi: int) -> dict:
         "metrics_interval_s": a.metrics_interval_s, "look_back_period_s": a.look_back_period_s}}
 
 
+def _routing(a: AttentionSpec) -> dict:
+    """The Attention handle's request router: by prompt prefix, or Serve's default."""
+    r = a.prefix_routing
+    if not r.enabled:
+        return {}
+    return {"request_router_config": RequestRouterConfig(
+        request_router_class=PREFIX_ROUTER,
+        request_router_kwargs={"block_size": a.engine.block_size, "blocks": r.blocks,
+                               "max_imbalance": r.max_imbalance})}
+
+
 def build_app(cfg: AppConfig, model: str) -> Application:
     mc = Checkpoint(model).config
     groups = resolve_groups(cfg, mc.num_local_experts)
@@ -80,7 +101,7 @@ def build_app(cfg: AppConfig, model: str) -> Application:
     attention = serve.deployment(
         Attention, name=ATTENTION, max_ongoing_requests=a.max_ongoing_requests,
         ray_actor_options=_actor_options(a), graceful_shutdown_timeout_s=60,
-        **_replicas(cfg, a.replicas, s.min_replicas, s.max_replicas),
+        **_replicas(cfg, a.replicas, s.min_replicas, s.max_replicas), **_routing(a),
     ).bind(model, a.engine, groups, directory, telemetry, experts)
     max_len = a.engine.max_model_len_for(mc)
     return serve.deployment(Frontend, name=FRONTEND, num_replicas=1, max_ongoing_requests=1000,

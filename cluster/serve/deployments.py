@@ -125,6 +125,7 @@ class Attention:
         self.engine = AsyncEngine(engine, tokenizer)
         self.routing = engine.routing
         self.telemetry.routing_sources.add(self.routing)
+        self.telemetry.engine_sources.add(engine)
         self.telemetry.wire_sources.add(self.transport.stats)
         self.stats: dict[str, float] = {}
         loop = asyncio.get_running_loop()
