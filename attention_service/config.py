@@ -25,8 +25,14 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     micro_batches: int = 1
     # Cap on prompt + generation; unset means the model's max_position_embeddings.
     max_model_len: int | None = None
+    # Replay decode steps' per-layer segments from CUDA graphs (one per layer and batch-size
+    # bucket): at small batches their kernel launches cost more than their math. Ignored off CUDA.
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r} "
+                              "(fp8 is for expert weights: expert_dtype)")
         for name in ("block_size", "max_num_seqs", "max_batched_tokens", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
