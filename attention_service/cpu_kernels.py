@@ -42,9 +42,11 @@ def _cache_dir() -> Path:
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         pass
-    # The sources too: a changed kernel is built afresh rather than over the old one.
+    # The sources too: a changed kernel is built afresh rather than over the old one. And
+    # where they are: torch's builder rebuilds when the source paths change, so two checkouts
+    # sharing one folder would rebuild it in turn, each waiting on the other's build.
     code = b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()) if p.suffix in (".cpp", ".h"))
-    tag = hashlib.sha256(f"{platform.machine()} {cpu} {torch.__version__}".encode() + code).hexdigest()[:12]
+    tag = hashlib.sha256(f"{platform.machine()} {cpu} {torch.__version__} {_CSRC}".encode() + code).hexdigest()[:12]
     return CACHE / "kernels" / f"attention-{tag}"
 
 
