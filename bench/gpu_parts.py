@@ -208,11 +208,14 @@ def token_agreement(device: torch.device, smoke: bool, work: Path) -> dict:
     ref = run(EngineConfig(device="cpu", dtype="float32"))
     gpu = EngineConfig(device=str(device), dtype="bfloat16", kv_cache_bytes=256 << 20)
     bf16, fp8 = run(gpu), run(gpu, "fp8")
+    eager = run(msgspec.structs.replace(gpu, cuda_graphs=False))
     out = {"tokens": n, "bf16_vs_fp32": [_first_difference(a, b) for a, b in zip(bf16, ref)],
+           "graphs_vs_eager": [_first_difference(a, b) for a, b in zip(bf16, eager)],
            "fp8_vs_bf16": [_first_difference(a, b) for a, b in zip(fp8, bf16)],
            "fp8_vs_bf16_equal_share": sum(x == y for a, b in zip(fp8, bf16) for x, y in zip(a, b)) / (n * len(prompts))}
     _say(f"tokens bf16 {device.type} vs fp32 cpu: equal for the first N = {out['bf16_vs_fp32']} of {n} "
          f"(per prompt, random weights)")
+    _say(f"tokens CUDA graphs vs eager (bf16): equal for the first N = {out['graphs_vs_eager']} of {n}")
     _say(f"tokens fp8 vs bf16 experts: equal for the first N = {out['fp8_vs_bf16']} of {n}; "
          f"{out['fp8_vs_bf16_equal_share']:.2f} of all positions equal")
     return out
