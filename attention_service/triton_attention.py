@@ -157,7 +157,10 @@ def _launch(q, k_cache, v_cache, out, tables, starts, qlens, lens, tile_chunk, t
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         tables.stride(0),
         G=G, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=_BLOCK_N, BS=block_size, DH=Dh, P=splits,
-        IEEE=q.dtype == torch.float32)
+        IEEE=q.dtype == torch.float32,
+        # Prompt tiles hold BLOCK_Q x G_PAD rows (128 at 8x22B): more warps keep their fp32
+        # accumulator [rows, Dh] in registers.
+        num_warps=8 if block_q * g_pad >= 64 else 4)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,

@@ -52,6 +52,7 @@ class ExpertWeights:
         self.w2: dict[int, object] = {}   # layer -> [n, D, F] (grouped) or n x packed [D, F]
         self.s13: dict[int, torch.Tensor] = {}        # fp8: layer -> scales [n, 2F]
         self.s2: dict[int, torch.Tensor] = {}         # fp8: layer -> scales [n, D]
+        self.weight_bytes = 0                         # weights held, scales included
         for layer in sorted({l for l, _ in tensors}):
             experts = sorted(e for l, e in tensors if l == layer)
             w13 = [torch.cat([tensors[layer, e][0], tensors[layer, e][2]]) for e in experts]
@@ -65,6 +66,9 @@ class ExpertWeights:
                 self.w2[layer], self.s2[layer] = torch.stack(q2), torch.stack(s2)
             else:
                 self.w13[layer], self.w2[layer] = torch.stack(w13), torch.stack(w2)
+            held = [d[layer] for d in (self.w13, self.w2, self.s13, self.s2) if layer in d] if self.grouped \
+                else w13 + w2
+            self.weight_bytes += sum(t.numel() * t.element_size() for t in held)
             lut = torch.full((num_experts + 1,), -1, dtype=torch.int64)  # last slot: id -1 (empty slot)
             lut[torch.tensor(experts)] = torch.arange(len(experts))
             self.local[layer] = lut.to(self.device)
@@ -80,12 +84,6 @@ class ExpertWeights:
         """The dtype rows arrive and results leave in (the weights are e4m3 under fp8)."""
         return self._dtype
 
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes of weights held, scales included."""
-        ts = [t for d in (self.w13, self.w2) for v in d.values() for t in (v if isinstance(v, list) else [v])]
-        ts += list(self.s13.values()) + list(self.s2.values())
-        return sum(t.numel() * t.element_size() for t in ts if not t.is_mkldnn)
 
     def check(self, layer: int, ids: torch.Tensor) -> None:
         """Refuse a batch naming an expert this shard does not hold, before any compute."""
@@ -159,4 +157,3 @@ class ExpertWeights:
             out.index_add_(0, r, h * w[start:start + n, None])
             start += n
         return out
-

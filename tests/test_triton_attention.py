@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _interpret(code: str, timeout: float = 240) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "1", "MOE_SERVE_ATTENTION": "triton",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH"))
+                                         if p)}
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                        timeout=timeout, cwd=REPO)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -31,21 +32,10 @@ CASES = """
 import torch
 from attention_service import triton_attention as ta
 from attention_service.attention import AttentionMetadata, paged_attention
-
-def case(H, KVH, Dh, bs, qlens, lens, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    need = [-(-L // bs) for L in lens]
-    order = torch.randperm(sum(need) + 3, generator=g).tolist()      # blocks out of order, some unused
-    tables, i = [], 0
-    for n in need:
-        tables.append(order[i:i + n])
-        i += n
-    S, T = (sum(need) + 3) * bs, sum(qlens)
-    r = lambda *s: torch.randn(*s, generator=g).to(dtype)
-    return r(T, H, Dh), r(T, KVH, Dh), r(T, KVH, Dh), r(S, KVH, Dh), r(S, KVH, Dh), tables
+from paged_case import paged_case
 
 def compare(H, KVH, Dh, bs, qlens, lens, dtype=torch.float32, splits=None):
-    q, k, v, kc, vc, tables = case(H, KVH, Dh, bs, qlens, lens, dtype)
+    q, k, v, kc, vc, tables = paged_case(H, KVH, Dh, bs, lens, sum(qlens), dtype)
     f = lambda x: x.float()
     ref = paged_attention(f(q), f(k), f(v), f(kc), f(vc), AttentionMetadata.build(qlens, lens, tables, bs))
     decode = lambda *a: ta.paged_decode_attention(*a, splits=splits)
