@@ -12,9 +12,11 @@ one would cost a 64K gather), and on CPU a few small gathers that stay in cache 
 big one even without padding. Each prefill chunk runs on its own: causal over its own K/V, and when
 tokens are cached before it, those too (after_cached).
 
-On CPU in fp32, both go instead to kernels of our own (attention_service/cpu_kernels.py)
-that walk the block tables and read the cache in place: one call per layer for all of a
-step's decodes and one for all of its prompt chunks, no copies.
+That is torch's path, kept where no kernel of ours applies. Kernels that walk the block
+tables and read the cache in place take both kinds instead: one call per layer for all of a
+step's decodes and one for all of its prompt chunks, no copies. On CUDA the Triton kernels
+(attention_service/triton_attention.py), on CPU in fp32 the C++ ones (cpu_kernels.py);
+model_runner.attention_kernels picks.
 """
 
 from collections.abc import Callable

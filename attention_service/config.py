@@ -32,8 +32,14 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Reuse the KV blocks of prompt prefixes seen before (system prompts, conversation
     # history); off: every request prefills from scratch.
     prefix_caching: bool = True
+    # Replay decode steps' per-layer segments from CUDA graphs (one per layer and batch-size
+    # bucket): at small batches their kernel launches cost more than their math. Ignored off CUDA.
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r} "
+                              "(fp8 is for expert weights: expert_dtype)")
         for name in ("block_size", "max_num_seqs", "max_batched_tokens", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

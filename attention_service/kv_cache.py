@@ -13,10 +13,13 @@ log = logging.getLogger(__name__)
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, dim_head: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
-        shape = (num_layers, num_blocks * block_size, n_kv_heads, dim_head)
+        # One block more than the block manager hands out: padding rows of CUDA-graph batches
+        # write their K/V there and read it back, so they never touch a sequence's blocks.
+        shape = (num_layers, (num_blocks + 1) * block_size, n_kv_heads, dim_head)
         self.k = torch.zeros(shape, dtype=dtype, device=device)     # [L, S, KVH, Dh]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.scratch_block = num_blocks
 
     @staticmethod
     def bytes_per_token(num_layers: int, n_kv_heads: int, dim_head: int, dtype: torch.dtype) -> int:

@@ -18,13 +18,15 @@ micro-batch it is a plain loop on the caller's thread.
 
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from attention_service import cpu_kernels
+from attention_service import cpu_kernels, triton_attention
 from attention_service.attention import AttentionMetadata
+from attention_service.decode_graphs import DecodeGraphs, GraphBatch
 from attention_service.kv_cache import KVCache
 from attention_service.model import AttentionModel
 from attention_service.sampler import sample, top_logprobs
@@ -37,23 +39,38 @@ from router.gating import route
 log = logging.getLogger(__name__)
 
 
+def attention_kernels(dtype: torch.dtype, device: torch.device) -> tuple:
+    """(decode kernel, prompt kernel) reading the paged cache in place, or (None, None) for
+    torch's path (attention.py). On CUDA: the Triton kernels (triton_attention.py); on CPU
+    in fp32: our C++ kernels (cpu_kernels.py). MOE_SERVE_ATTENTION=triton picks the Triton
+    kernels wherever they run (on CPU: under TRITON_INTERPRET=1, for tests), =torch torch's path."""
+    choice = os.environ.get("MOE_SERVE_ATTENTION", "auto")
+    if choice == "torch":
+        return None, None
+    if triton_attention.available(device.type) and (device.type == "cuda" or choice == "triton"):
+        return triton_attention.paged_decode_attention, triton_attention.paged_prefill_attention
+    return cpu_kernels.paged_decode_attention(dtype, device), cpu_kernels.paged_prefill_attention(dtype, device)
+
+
 @dataclass
 class MicroBatch:
     tokens: torch.Tensor       # [T]
     positions: torch.Tensor    # [T]
     meta: AttentionMetadata
     logit_rows: torch.Tensor   # rows whose logits are wanted
+    graph: GraphBatch | None = None   # set for all-decode micro-batches that replay CUDA graphs
 
 
 class ModelRunner:
     def __init__(self, model: AttentionModel, kv: KVCache, transport: ExpertTransport, placement: Placement,
-                 micro_batches: int = 1):
+                 micro_batches: int = 1, cuda_graphs: bool = True, max_model_len: int | None = None):
         self.model, self.kv, self.transport, self.placement = model, kv, transport, placement
         self.micro_batches = micro_batches
         self.on_route = None   # optional hook(layer, expert ids [T, K]) for routing statistics
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="compute") if micro_batches > 1 else None
-        self.decode_kernel = cpu_kernels.paged_decode_attention(model.dtype, model.device)
-        self.prefill_kernel = cpu_kernels.paged_prefill_attention(model.dtype, model.device)
+        self.decode_kernel, self.prefill_kernel = attention_kernels(model.dtype, model.device)
+        self.graphs = DecodeGraphs(model, kv, self.decode_kernel, max_model_len or model.cfg.max_position_embeddings,
+                                   capture=cuda_graphs)
 
     async def _compute(self, fn, *args):
         if self._pool is None:
@@ -73,11 +90,14 @@ class ModelRunner:
             elif s.samples:
                 rows.append(row - 1)
         dev = self.model.device
-        meta = AttentionMetadata.build(
-            [s.num_tokens for s in scheduled], [s.seq.num_computed + s.num_tokens for s in scheduled],
-            [s.seq.block_table for s in scheduled], self.kv.block_size, dev, self.decode_kernel, self.prefill_kernel)
+        qlens, lens = [s.num_tokens for s in scheduled], [s.seq.num_computed + s.num_tokens for s in scheduled]
+        tables = [s.seq.block_table for s in scheduled]
+        graph = self.graphs.prepare(lens, tables) if self.graphs.active and max(qlens) == 1 else None
+        # A graph batch carries its own layout; the eager one is built only when it runs.
+        meta = None if graph is not None else AttentionMetadata.build(
+            qlens, lens, tables, self.kv.block_size, dev, self.decode_kernel, self.prefill_kernel)
         return MicroBatch(torch.tensor(tokens, device=dev), torch.cat(positions).to(dev), meta,
-                          torch.tensor(rows, dtype=torch.int64, device=dev))
+                          torch.tensor(rows, dtype=torch.int64, device=dev), graph)
 
     def split(self, scheduled: list[Scheduled]) -> list[list[Scheduled]]:
         """Contiguous runs of sequences with about equal token counts, at most micro_batches of them."""
@@ -97,9 +117,12 @@ class ModelRunner:
     def _attend(self, layer: int, x: torch.Tensor, rope: tuple, mb: MicroBatch):
         """Everything of a layer before the experts: attention, norm, routing, dispatch plan."""
         m = self.model
-        h = m.attention(layer, x, *rope, self.kv.k[layer], self.kv.v[layer], mb.meta)
-        y = m.moe_input(layer, h)
-        ids, weights = route(y, m.gate(layer), m.top_k)
+        if mb.graph is not None:
+            h, y, ids, weights = self.graphs.run(layer, x, mb.graph)
+        else:
+            h = m.attention(layer, x, *rope, self.kv.k[layer], self.kv.v[layer], mb.meta)
+            y = m.moe_input(layer, h)
+            ids, weights = route(y, m.gate(layer), m.top_k)
         if self.on_route is not None:
             self.on_route(layer, ids)
         return h, y, plan(ids, weights, self.placement.group_of[layer])
@@ -108,7 +131,7 @@ class ModelRunner:
         """The layer loop for one micro-batch -> logits [len(logit_rows), V]."""
         m = self.model
         x = m.embed(mb.tokens)
-        rope = m.rope(mb.positions)
+        rope = None if mb.graph is not None else m.rope(mb.positions)   # graphs compute their own
         for layer in range(len(m.layers)):
             h, y, batches = await self._compute(self._attend, layer, x, rope, mb)
             parts = await self.transport.forward(layer, y, batches)

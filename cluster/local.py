@@ -18,15 +18,17 @@ from router.dispatch import Placement, split_experts
 
 def build_engine(model_dir: str | Path, cfg: EngineConfig = EngineConfig(), groups: int = 1,
                  transport: ExpertTransport | None = None, placement: Placement | None = None,
-                 progress: bool = False) -> tuple[Engine, Tokenizer]:
-    """An engine over the checkpoint in model_dir; experts in-process unless a transport is given."""
+                 progress: bool = False, expert_dtype: str | None = None) -> tuple[Engine, Tokenizer]:
+    """An engine over the checkpoint in model_dir; experts in-process unless a transport is given,
+    in expert_dtype (e.g. "fp8"; default: the engine's dtype)."""
     ckpt = Checkpoint(model_dir)
     mc = ckpt.config
     if placement is None:
         placement = Placement.by_expert(split_experts(mc.num_local_experts, groups), mc.num_hidden_layers,
                                         mc.num_local_experts)
     if transport is None:
-        dtype = resolve_dtype(cfg.dtype, ckpt, cfg.device)
-        transport = InProcessTransport([load_experts(ckpt, placement.pairs(g), dtype, cfg.device, progress)
-                                        for g in range(placement.num_groups)])
+        rows = resolve_dtype(cfg.dtype, ckpt, cfg.device)
+        dtype = resolve_dtype(expert_dtype, ckpt, cfg.device) if expert_dtype else rows
+        transport = InProcessTransport([load_experts(ckpt, placement.pairs(g), dtype, cfg.device, progress,
+                                                     cfg.cuda_graphs, rows) for g in range(placement.num_groups)])
     return open_engine(ckpt, cfg, transport, placement, progress)

@@ -50,9 +50,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default: 0)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--device", default="cpu", help="torch device for the weights, e.g. cpu, cuda:0 (default: cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "fp8"],
                    help="compute dtype; hidden rows must arrive in it. auto: the checkpoint's on CPU, "
-                        "bfloat16 on GPU (default: auto)")
+                        "bfloat16 on GPU. fp8: e4m3 weights with per-channel scales, quantised at load; "
+                        "rows travel in auto's dtype (default: auto)")
     p.add_argument("--shard-id", default=None, metavar="NAME", help="name reported by Info and in logs")
     p.add_argument("--max-message-bytes", type=int, default=None, metavar="N",
                    help="largest gRPC message sent or received; larger ones fail with RESOURCE_EXHAUSTED "

@@ -232,11 +232,17 @@ def _data_offsets(fh, names: set[str]) -> list[tuple[int, int]]:
     return [(8 + n + header[k]["data_offsets"][0], 8 + n + header[k]["data_offsets"][1]) for k in sorted(names)]
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Expert weights only: e4m3 with per-channel scales, rows still travel in "auto"'s dtype.
+EXPERT_DTYPES = {**DTYPES, "fp8": torch.float8_e4m3fn}
+
+
 def resolve_dtype(name: str, ckpt: Checkpoint, device: str) -> torch.dtype:
-    """'auto' is the checkpoint's dtype on CPU and bfloat16 on GPU."""
+    """'auto' is the checkpoint's dtype on CPU and bfloat16 on GPU; 'fp8' (experts only, see
+    expert_service/loader.py) is torch.float8_e4m3fn."""
     if name == "auto":
         return ckpt.dtype if device == "cpu" else torch.bfloat16
     try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return EXPERT_DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
+        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16, float16 or (experts) fp8") from None

@@ -90,7 +90,13 @@ def plan(ids: torch.Tensor, weights: torch.Tensor, group_of_layer: torch.Tensor)
 
 
 def combine(partials: list[torch.Tensor], batches: list[GroupBatch], out: torch.Tensor) -> torch.Tensor:
-    """Scatter-add each group's partial sums [R, D] into out [T, D] (which holds the residual)."""
+    """Scatter-add each group's partial sums [R, D] into out [T, D] (which holds the residual).
+
+    The contract: partials arrive on out's device (the transport lands them there). A partial
+    elsewhere is a transport bug, refused here with what was where, never copied silently."""
     for part, b in zip(partials, batches):
+        if part.device != out.device:
+            raise RuntimeError(f"expert group {b.group}'s partial sums are on {part.device}, the hidden state "
+                               f"on {out.device}: the transport must return them on the receiving device")
         out.index_add_(0, b.rows, part.to(out.dtype))
     return out

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from paged_case import paged_case
 
 from attention_service import cpu_kernels
 from attention_service.attention import AttentionMetadata, after_cached, after_cached_masked, paged_attention
@@ -18,18 +19,7 @@ needs_kernel = pytest.mark.skipif(KERNEL is None, reason="the CPU kernels could 
 
 def _case(H, KVH, Dh, bs, lens, seed=0):
     """A shuffled paged cache holding len(lens) contexts -> (q, k, v, caches, tables)."""
-    g = torch.Generator().manual_seed(seed)
-    need = [-(-L // bs) for L in lens]
-    order = torch.randperm(sum(need) + 3, generator=g).tolist()       # blocks out of order, some unused
-    tables, i = [], 0
-    for n in need:
-        tables.append(order[i:i + n])
-        i += n
-    S = (sum(need) + 3) * bs
-    kc, vc = torch.randn(S, KVH, Dh, generator=g), torch.randn(S, KVH, Dh, generator=g)
-    q = torch.randn(len(lens), H, Dh, generator=g)
-    k, v = torch.randn(len(lens), KVH, Dh, generator=g), torch.randn(len(lens), KVH, Dh, generator=g)
-    return q, k, v, kc, vc, tables
+    return paged_case(H, KVH, Dh, bs, lens, seed=seed)
 
 
 def _both(H, KVH, Dh, bs, lens, seed=0):

@@ -19,6 +19,7 @@ import yaml
 
 from attention_service.config import EngineConfig
 from cluster.observe.telemetry import TelemetrySpec
+from mixtral.checkpoint import EXPERT_DTYPES
 from mixtral.config import CACHE, ConfigError, preset
 from router.dispatch import split_experts
 
@@ -146,12 +147,17 @@ class AppConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     groups: int = 2
     expert_groups: list[GroupSpec] = []
     expert_device: str = "cpu"
+    # auto: the checkpoint's on CPU, bfloat16 on GPU. fp8: e4m3 weights with per-channel
+    # scales, quantised at load (half of bf16's bytes; rows still travel in bf16).
     expert_dtype: str = "auto"
     attention: AttentionSpec = AttentionSpec()
     autoscaling: AutoscalingSpec = AutoscalingSpec()
     telemetry: TelemetrySpec = TelemetrySpec()
 
     def __post_init__(self) -> None:
+        if self.expert_dtype not in ("auto", *EXPERT_DTYPES):
+            raise ConfigError(f"expert_dtype must be one of auto, {', '.join(EXPERT_DTYPES)}; "
+                              f"got {self.expert_dtype!r}")
         if self.groups < 1:
             raise ConfigError(f"groups must be at least 1, got {self.groups}")
         for i, g in enumerate(self.expert_groups):

@@ -21,6 +21,8 @@ from cluster.tools import forecast
 from mixtral.config import ModelConfig
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# Expert weights may also be fp8: 1 byte a weight plus one fp32 scale per output channel.
+EXPERT_DTYPES = [*DTYPE_BYTES, "fp8"]
 GiB = 1 << 30
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "ki": 1 << 10, "kib": 1 << 10, "mi": 1 << 20, "mib": 1 << 20,
@@ -69,6 +71,8 @@ class Plan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kv_sequences: int
     expert_bytes: int
     groups: tuple[GroupPlan, ...]
+    # Expert weights' dtype: dtype unless set (fp8 halves bf16's expert bytes).
+    expert_dtype: str = ""
 
     @property
     def budget_bytes(self) -> int:
@@ -111,9 +115,13 @@ def _deal(items: list[int], parts: int) -> list[list[int]]:
 
 def make_plan(mc: ModelConfig, *, gpu_bytes: int, context: int, concurrency: int, dtype: str = "bfloat16",
               headroom: float = 0.1, attention_replicas: int | None = None, experts_per_gpu: int | None = None,
-              max_expert_replicas: int = 2, block_size: int = 16, model: str = "model") -> Plan:
+              max_expert_replicas: int = 2, block_size: int = 16, model: str = "model",
+              expert_dtype: str | None = None) -> Plan:
     if dtype not in DTYPE_BYTES:
         raise PlanError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    expert_dtype = expert_dtype or dtype
+    if expert_dtype not in EXPERT_DTYPES:
+        raise PlanError(f"expert dtype must be one of {', '.join(EXPERT_DTYPES)}, got {expert_dtype!r}")
     if not 0 <= headroom < 1:
         raise PlanError(f"headroom must be in [0, 1), got {headroom}")
     if not 1 <= context <= mc.max_position_embeddings:
@@ -142,7 +150,7 @@ def make_plan(mc: ModelConfig, *, gpu_bytes: int, context: int, concurrency: int
 
     # Experts: as many whole experts per GPU as fit, dealt evenly over the fewest groups;
     # an expert that does not fit is cut into layer ranges instead.
-    layer_bytes = mc.expert_params() * nbytes
+    layer_bytes = expert_layer_bytes(mc, expert_dtype)
     expert = layer_bytes * L
     fit = budget // expert
     if experts_per_gpu is not None:
@@ -165,7 +173,15 @@ def make_plan(mc: ModelConfig, *, gpu_bytes: int, context: int, concurrency: int
                 context=context, concurrency=concurrency, block_size=block_size,
                 attention_replicas=attention_replicas or needed, attention_replicas_needed=needed,
                 attention_weight_bytes=attn, kv_bytes_per_token=per_token, kv_cache_bytes=kv_tokens * per_token,
-                kv_tokens=kv_tokens, kv_sequences=seqs, expert_bytes=expert, groups=groups)
+                kv_tokens=kv_tokens, kv_sequences=seqs, expert_bytes=expert, groups=groups, expert_dtype=expert_dtype)
+
+
+def expert_layer_bytes(mc: ModelConfig, expert_dtype: str) -> int:
+    """Bytes of one expert's weights in one layer: W1, W3 [F, D] and W2 [D, F]; under fp8 one
+    byte each plus an fp32 scale per output channel (2F for W1/W3, D for W2)."""
+    if expert_dtype == "fp8":
+        return mc.expert_params() + 4 * (2 * mc.intermediate_size + mc.hidden_size)
+    return mc.expert_params() * DTYPE_BYTES[expert_dtype]
 
 
 # --- as text and as chart values ------------------------------------------------------------
@@ -177,12 +193,17 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def _experts_in(p: Plan) -> str:
+    return f" (experts {p.expert_dtype})" if p.expert_dtype and p.expert_dtype != p.dtype else ""
+
+
 def describe(p: Plan) -> str:
     gib = lambda b: f"{b / GiB:.1f} GiB"                                              # noqa: E731
     span = lambda ls: "all layers" if ls is None else f"layers {ls[0]}-{ls[-1]}"      # noqa: E731
     need = p.context * p.concurrency
     lines = [
-        f"model        {p.model}, {p.dtype}: one expert (all layers) {p.expert_bytes / 1e9:.1f} GB, all experts "
+        f"model        {p.model}, {p.dtype}{_experts_in(p)}: one expert (all layers) {p.expert_bytes / 1e9:.1f} GB, "
+        f"all experts "
         f"{p.expert_bytes * p.num_experts / 1e9:.0f} GB, attention side {p.attention_weight_bytes / 1e9:.1f} GB, "
         f"KV cache {p.kv_bytes_per_token // 1024} KiB per token",
         f"GPU          {gib(p.gpu_bytes)}, {p.headroom:.0%} headroom: {gib(p.budget_bytes)} planned per GPU",
@@ -235,7 +256,7 @@ def chart_values(p: Plan) -> dict:
         },
         "serve": {"config": {
             "expert_device": "cuda",
-            "expert_dtype": p.dtype,
+            "expert_dtype": p.expert_dtype or p.dtype,
             "expert_groups": groups,
             "attention": {"replicas": p.attention_replicas, "num_gpus": 1, "resources": {ATTENTION_NODE: 1},
                           "engine": {"device": "cuda", "dtype": p.dtype, "block_size": p.block_size,
@@ -262,6 +283,8 @@ def add_parser(sub) -> None:
     q.add_argument("--concurrency", type=int, required=True, help="sequences of --context tokens held at once")
     q.add_argument("--dtype", default="bfloat16", choices=list(DTYPE_BYTES),
                    help="weights and KV cache (default: bfloat16)")
+    q.add_argument("--expert-dtype", choices=EXPERT_DTYPES,
+                   help="expert weights: fp8 is e4m3 with per-channel scales, quantised at load (default: --dtype)")
     q.add_argument("--headroom", type=float, default=0.1,
                    help="share of each GPU left for CUDA, activations and slack (default: 0.1)")
     q.add_argument("--attention-replicas", type=int, help="fix the count (default: as many as the KV cache needs)")
@@ -287,7 +310,8 @@ def cmd_plan(a) -> None:
         p = make_plan(mc, gpu_bytes=parse_size(a.gpu_memory), context=a.context or mc.max_position_embeddings,
                       concurrency=a.concurrency, dtype=a.dtype, headroom=a.headroom,
                       attention_replicas=a.attention_replicas, experts_per_gpu=a.experts_per_gpu,
-                      max_expert_replicas=a.max_expert_replicas, model=a.preset or a.model.rstrip("/"))
+                      max_expert_replicas=a.max_expert_replicas, model=a.preset or a.model.rstrip("/"),
+                      expert_dtype=a.expert_dtype)
     except (PlanError, ConfigError) as e:
         sys.exit(f"moe-serve plan: {e}")
     if a.values_out:
