@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "peaks":
             print("peaks", json.dumps(report[name]), flush=True)
     report["seconds"] = time.perf_counter() - t0
+    pk = report.get("peaks") or {}
+    if "matmul_tflops" in pk:
+        # The yardsticks `moe-serve plan --forecast --gpu-json` reads (cluster/tools/forecast.py).
+        report.update(gpu=report["machine"].get("gpu", str(device)), matmul_peak_tflops=pk["matmul_tflops"],
+                      hbm_gbps=pk["hbm_gb_s"])
     out = Path(a.out) if a.out else Path(__file__).resolve().parent / "out" / ("gpu-smoke.json" if a.smoke else
                                                                                  "gpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cluster.tools.forecast import gpu_spec
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -36,3 +38,6 @@ def test_smoke_run_produces_every_figure(tmp_path):
     lines = r.stdout.splitlines()
     assert any(line.startswith("experts tiny fp8 rows/expert=16:") and "of HBM" in line for line in lines)
     assert any(line.startswith("step gRPC") for line in lines) and lines[-1].startswith("done in")
+    # The plan's forecast takes this GPU's own peaks from the same file.
+    spec = gpu_spec(json_path=str(out))
+    assert (spec.matmul_peak_tflops, spec.hbm_gbps) == (report["peaks"]["matmul_tflops"], report["peaks"]["hbm_gb_s"])
