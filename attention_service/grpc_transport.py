@@ -25,7 +25,8 @@ from opentelemetry import metrics, propagate, trace
 
 from protos import codec
 from protos import expert_pb2 as pb
-from protos.channel import FORWARD, INFO, channel_options
+from protos.channel import FORWARD, INFO
+from protos.shard_access import ShardAccess, open_channel
 from router.dispatch import GroupBatch, Placement
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,9 @@ class Replica:
     down_until: float = 0.0
 
     @classmethod
-    def open(cls, address: str) -> "Replica":
-        channel = grpc.aio.insecure_channel(address, options=channel_options())
+    def open(cls, address: str, access: ShardAccess | None = None) -> "Replica":
+        # Access hook (protos/shard_access.py): the app's token, TLS and message caps, when given.
+        channel = open_channel(address, access)
         forward = channel.unary_unary(FORWARD, request_serializer=None,
                                       response_deserializer=functools.partial(codec.unpack, pb.ExpertResult))
         return cls(address, channel, forward)
@@ -101,9 +103,10 @@ class WireStats:
 
 class GrpcTransport:
     def __init__(self, groups: list[list[str]], timeout: float = 30.0, retry_after: float = 5.0,
-                 min_rows_per_replica: int = 32):
-        """groups[g]: the addresses of group g's replicas."""
-        self.replicas: list[list[Replica]] = [[Replica.open(a) for a in addrs] for addrs in groups]
+                 min_rows_per_replica: int = 32, access: ShardAccess | None = None):
+        """groups[g]: the addresses of group g's replicas; access: what to present to them."""
+        self.access = access
+        self.replicas: list[list[Replica]] = [[Replica.open(a, access) for a in addrs] for addrs in groups]
         self.timeout, self.retry_after, self.min_rows = timeout, retry_after, min_rows_per_replica
         self.stats = WireStats()
         self._ids = itertools.count()
@@ -115,7 +118,7 @@ class GrpcTransport:
     def set_replicas(self, group: int, addresses: list[str]) -> None:
         """Follow the endpoint directory: keep known replicas, open new ones, drop the gone."""
         known = {r.address: r for r in self.replicas[group]}
-        self.replicas[group] = [known.pop(a, None) or Replica.open(a) for a in addresses]
+        self.replicas[group] = [known.pop(a, None) or Replica.open(a, self.access) for a in addresses]
         for gone in known.values():
             asyncio.ensure_future(gone.channel.close(grace=self.timeout))
 
