@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import time
-import uuid
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -33,7 +32,8 @@ from attention_service.errors import Overloaded, RequestError, Unavailable
 from attention_service.sampling_params import SamplingParams
 from cluster.api import chat
 from cluster.api.access import ApiKeys
-from cluster.api.backend import Backend, close_quietly, getter, open_stream, token_text, usage
+from cluster.api.backend import Backend, close_quietly, getter, open_stream
+from cluster.api.completion import CompletionReply
 from cluster.api.http_guard import HttpGuard
 from cluster.api.limits import check_unicode, default_max_tokens, limits_of
 
@@ -177,7 +177,8 @@ def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
             p = p[0]
         ids = b.tokenizer.encode(p) if isinstance(p, str) else list(p)
         params = _params(req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs)
-        return await _respond(request, b, req, ids, params, _CompletionReply(b, req))
+        reply = CompletionReply(b.model_name, b.tokenizer, req.logprobs is not None)
+        return await _respond(request, b, req, ids, params, reply)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -238,7 +239,7 @@ def _refusal(e: RequestError, chat: bool) -> APIError:
 
 
 async def _respond(request: Request, b: Backend, req: _Sampling, ids: list[int], params: SamplingParams,
-                   reply: _CompletionReply | chat.ChatReply) -> Response:
+                   reply: CompletionReply | chat.ChatReply) -> Response:
     try:
         stream = await open_stream(b, ids, params)
     except (RequestError, Unavailable):
@@ -303,7 +304,7 @@ async def _until_disconnect(request: Request, coro) -> Any:
         watcher.cancel()
 
 
-async def _sse(stream: AsyncIterator[Delta], reply: _CompletionReply | chat.ChatReply,
+async def _sse(stream: AsyncIterator[Delta], reply: CompletionReply | chat.ChatReply,
                with_usage: bool) -> AsyncIterator[str]:
     def event(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -331,46 +332,3 @@ async def _sse(stream: AsyncIterator[Delta], reply: _CompletionReply | chat.Chat
         yield "data: [DONE]\n\n"
     finally:
         await close_quietly(stream)
-
-
-class _CompletionReply:
-    """The /v1/completions response, whole or as stream chunks."""
-
-    def __init__(self, b: Backend, req: CompletionRequest):
-        self.model, self.tok, self.want_logprobs = b.model_name, b.tokenizer, req.logprobs is not None
-        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        self.offset = 0          # text_offset of the next token, in characters of the completion
-
-    def envelope(self, choices: list, **extra) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, **extra}
-
-    def logprobs(self, ids: list[int], lps: list | None) -> dict | None:
-        if not self.want_logprobs or lps is None:
-            return None
-        toks = [token_text(self.tok, t) for t in ids]
-        offsets = []
-        for t in toks:
-            offsets.append(self.offset)
-            self.offset += len(t)
-        return {"tokens": toks, "token_logprobs": [lp for lp, _ in lps],
-                "top_logprobs": [{token_text(self.tok, i): v for i, v in alts} for _, alts in lps],
-                "text_offset": offsets}
-
-    def opening(self) -> list[dict]:
-        return []
-
-    def chunks(self, d: Delta) -> list[dict]:
-        lp = self.logprobs(d.token_ids, d.logprobs)
-        if not d.text and d.finish_reason is None and lp is None:
-            return []
-        return [self.envelope([{"index": 0, "text": d.text, "finish_reason": d.finish_reason, "logprobs": lp}])]
-
-    def usage_chunk(self, last: Delta) -> dict:
-        return self.envelope([], usage=usage(last))
-
-    def whole(self, deltas: list[Delta]) -> dict:
-        lp = self.logprobs([t for d in deltas for t in d.token_ids], [x for d in deltas for x in d.logprobs or []])
-        choice = {"index": 0, "text": "".join(d.text for d in deltas), "finish_reason": deltas[-1].finish_reason,
-                  "logprobs": lp}
-        return self.envelope([choice], usage=usage(deltas[-1]))

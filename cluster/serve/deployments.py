@@ -4,8 +4,11 @@
     Attention --gRPC ExpertShard--> ExpertGroup-0 .. ExpertGroup-(G-1)
 
 Each ExpertGroup replica runs an ExpertShard gRPC server on a free port and registers it
-with the endpoint directory; Attention replicas follow the directory. The deployment
-options (replicas, GPUs, resources) are bound in cluster/serve/builder.py, nowhere else.
+with the endpoint directory; Attention replicas follow the directory, and beat to it every
+second with the expert replicas they reach (the front door's /ready). Both take the app's
+shard token from the directory: shards demand it, attention replicas present it. The
+deployment options (replicas, GPUs, resources) are bound in cluster/serve/builder.py,
+nowhere else.
 """
 
 import asyncio
@@ -27,6 +30,8 @@ from cluster.serve.app_config import GroupSpec
 from cluster.serve.directory import get_directory
 from expert_service.server import serve as serve_shard
 from mixtral.checkpoint import Checkpoint
+from protos.channel import DEFAULT_MAX_MESSAGE_BYTES
+from protos.shard_access import ShardAccess, ShardTLS
 from router.dispatch import Placement, group_pairs
 
 log = logging.getLogger("ray.serve")
@@ -57,16 +62,19 @@ class ExpertGroup:
     """One replica of an expert group: an ExpertShard gRPC server, registered in the directory."""
 
     async def __init__(self, model: str, group: int, spec: GroupSpec, device: str, dtype: str, directory: str,
-                       telemetry_spec: TelemetrySpec = TelemetrySpec()):
+                       telemetry_spec: TelemetrySpec = TelemetrySpec(), tls: ShardTLS | None = None,
+                       max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         host = ray.util.get_node_ip_address()
         self.telemetry = _telemetry("experts", telemetry_spec, host)
+        self.directory = get_directory(directory)
+        access = ShardAccess(await self.directory.shard_token.remote(), tls, max_message_bytes)
         self.shard, port = await serve_shard(model, spec.experts, spec.layers, port=0, host=host, device=device,
-                                             dtype=dtype, shard_id=f"g{group}", group=group)
+                                             dtype=dtype, shard_id=f"g{group}", group=group,
+                                             max_message_bytes=max_message_bytes, access=access)
         self.group, self.address = group, f"{host}:{port}"
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.telemetry.busy_sources.add(self.shard.servicer)
         self.busy = _Busy(self.shard.servicer)
-        self.directory = get_directory(directory)
         await self._register()
         self._renew = asyncio.get_running_loop().create_task(self._keep_registered())
 
@@ -109,7 +117,8 @@ class Attention:
 
     async def __init__(self, model: str, cfg: EngineConfig, groups: list[GroupSpec], directory: str,
                        telemetry_spec: TelemetrySpec = TelemetrySpec(), experts: list | None = None,
-                       wait_for_experts_s: float = 300.0):
+                       wait_for_experts_s: float = 300.0, expert_wait_s: float = 30.0, expert_timeout_s: float = 30.0,
+                       tls: ShardTLS | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         # `experts` are the ExpertGroup deployments' handles: bound here so that Serve deploys
         # them with the app; the data path reaches them over gRPC, not through Serve.
         ckpt = Checkpoint(model)
@@ -120,9 +129,11 @@ class Attention:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.directory = get_directory(directory)
         version, addresses = await self._wait_for_experts(len(groups), wait_for_experts_s)
-        self.transport = GrpcTransport([addresses.get(g, []) for g in range(len(groups))])
+        access = ShardAccess(await self.directory.shard_token.remote(), tls, max_message_bytes)
+        self.transport = GrpcTransport([addresses.get(g, []) for g in range(len(groups))], timeout=expert_timeout_s,
+                                       access=access)
         engine, tokenizer = open_engine(ckpt, cfg, self.transport, placement)
-        self.engine = AsyncEngine(engine, tokenizer)
+        self.engine = AsyncEngine(engine, tokenizer, expert_wait_s=expert_wait_s)
         self.routing = engine.routing
         self.telemetry.routing_sources.add(self.routing)
         self.telemetry.wire_sources.add(self.transport.stats)
@@ -152,10 +163,16 @@ class Attention:
                 await asyncio.sleep(1.0)
 
     async def _report_load(self, num_groups: int) -> None:
-        """Every second: the load figures, for telemetry and for the autoscaling policy."""
+        """Every second: a heartbeat with the expert replicas this replica reaches (the front
+        door's readiness), and the load figures, for telemetry and for the autoscaling policy."""
         tel = self.telemetry
         mine = {"replica": self.replica}
         while True:
+            try:
+                await self.directory.attention_beat.remote(
+                    self.replica, [len(self.transport.live(g)) for g in range(num_groups)])
+            except Exception:
+                log.exception("beating to the endpoint directory")
             await asyncio.sleep(1.0)
             try:
                 rates = self.routing.rates()
@@ -185,6 +202,12 @@ class Attention:
         ctx = telemetry.extract(trace) if trace else None
         async for delta in self.engine.generate(prompt_ids, params, ctx):
             yield delta
+
+    async def __del__(self):
+        """Leave the directory at once: the front door stops sending here before the lease runs out."""
+        self._report.cancel()
+        self._follow.cancel()
+        await self.directory.attention_gone.remote(self.replica)
 
     def load(self) -> dict:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,
