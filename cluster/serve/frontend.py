@@ -92,9 +92,13 @@ class ServeBackend:
         gen = self.attention.generate.remote(prompt_ids, params, trace or None)
         done = False
         try:
-            async for delta in gen:
-                done = delta.finish_reason is not None
-                yield delta
+            first = await self._first(gen)
+            done = first.finish_reason is not None
+            yield first
+            if not done:
+                async for delta in gen:
+                    done = delta.finish_reason is not None
+                    yield delta
         except BackPressureError:
             raise Overloaded("server busy: the queue for attention replicas is full; retry later",
                              self.limits.retry_after_s) from None
@@ -104,6 +108,20 @@ class ServeBackend:
         finally:
             if not done:
                 gen.cancel()
+
+    async def _first(self, gen) -> Delta:
+        """The first delta; Unavailable if meanwhile the directory has no attention replica alive.
+        (A request the handle queued for a replica that died would otherwise wait, unanswered,
+        until Serve has started and loaded a new one.)"""
+        first = asyncio.ensure_future(anext(gen))
+        try:
+            while not (await asyncio.wait({first}, timeout=1.0))[0]:
+                if self.readiness is not None and not self.readiness["attention"]:
+                    raise Unavailable("no attention replica is running; Serve is starting one",
+                                      self.limits.retry_after_s)
+            return first.result()
+        finally:
+            first.cancel()
 
     async def ready(self) -> tuple[bool, dict]:
         """Ready: an attention replica beat lately and reaches at least one replica of every group."""
