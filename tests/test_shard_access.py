@@ -4,15 +4,10 @@ refuse messages larger than the model can make: real gRPC servers, real certific
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from pki import make_pki
 
 from attention_service.config import EngineConfig
 from attention_service.grpc_transport import GrpcTransport
@@ -30,35 +25,14 @@ PROMPT = [1, 415, 5565, 302, 4843]
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
 
-def _cert(name: str, issuer_key, issuer_name, key, ca: bool = False, san: str | None = None):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-         .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if san:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(san),
-                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-    return b.sign(issuer_key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    """A CA, the cluster's certificate (for the name moe-serve-experts) and a stranger's from another CA."""
+    """The cluster's CA and certificate (for the name moe-serve-experts), and a stranger's from another CA."""
     out = tmp_path_factory.mktemp("pki")
-    pem = lambda c: c.public_bytes(serialization.Encoding.PEM)                              # noqa: E731
-    key_pem = lambda k: k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,  # noqa: E731
-                                        serialization.NoEncryption())
     files = {}
     for who in ("cluster", "stranger"):
-        ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{who} CA")])
-        ca = _cert(f"{who} CA", ca_key, ca_name, ca_key, ca=True)
-        cert = _cert("moe-serve-experts", ca_key, ca_name, key, san="moe-serve-experts")
-        for name, data in (("ca.crt", pem(ca)), ("tls.crt", pem(cert)), ("tls.key", key_pem(key))):
-            (out / f"{who}-{name}").write_bytes(data)
-        files[who] = ShardTLS(ca_file=str(out / f"{who}-ca.crt"), cert_file=str(out / f"{who}-tls.crt"),
-                              key_file=str(out / f"{who}-tls.key"), server_name="moe-serve-experts")
+        ca, cert, key = make_pki(out, who, ["moe-serve-experts"])
+        files[who] = ShardTLS(ca_file=str(ca), cert_file=str(cert), key_file=str(key), server_name="moe-serve-experts")
     return files
 
 
