@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"server errors (5xx or error events): {len(failures)} (target 0)")
     for f in failures[:20]:
         print(f"  {f}")
-    print(f"still serving the same answer afterwards: {before == after and before[0] == 200}")
+    same = before[0] == after[0] == 200 and json.loads(before[1])["choices"] == json.loads(after[1])["choices"]
+    print(f"a valid request answered the same before and after: {same}")
 
 
 if __name__ == "__main__":
