@@ -73,8 +73,10 @@ def door(tiny_ckpt, loop):
     http_backend, grpc_backend = _backend(tiny_ckpt), _backend(tiny_ckpt)
     server, port = asyncio.run_coroutine_threadsafe(start_grpc_server(grpc_backend), loop).result(10)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.GenerationStub(channel)
+    stub.channel = channel
     with serving(build_openai_app(http_backend)) as url:
-        yield url, pb_grpc.GenerationStub(channel), http_backend, grpc_backend
+        yield url, stub, http_backend, grpc_backend
     channel.close()
     asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
 
@@ -127,10 +129,17 @@ def test_http_bounds(door, body, content_type, status, code):
 
 
 def test_a_lone_surrogate_names_its_field(door):
-    url, _, _, _ = door
+    url, stub, _, _ = door
     raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\udc00"}]}'
     status, _, err = http(url, "/v1/chat/completions", raw)
     assert status == 400 and err["error"]["param"] == "messages" and "surrogate" in err["error"]["message"]
+    # gRPC: a string that is not UTF-8 (an encoded surrogate) does not parse: INVALID_ARGUMENT, not UNKNOWN.
+    good = pb.GenerateRequest(text="hi", max_tokens=1).SerializeToString()
+    raw_call = stub.channel.unary_stream("/moe_serve.generation.v1.Generation/Generate",
+                                                    request_serializer=None)
+    with pytest.raises(grpc.RpcError) as e:
+        list(raw_call(good.replace(b"hi", b"\xed\xa0"), metadata=AUTH, timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in e.value.details()
 
 
 def test_default_max_tokens_is_the_configured_cap_not_the_context(door):

@@ -303,7 +303,11 @@ def test_every_ray_container_starts_with_the_apps_ray_environment(helm):
     docs = render(helm, "--set", "env[0].name=HF_HUB_OFFLINE", "--set-string", "env[0].value=1")
     for spec in pods(docs):
         env = [(e["name"], e.get("value")) for e in spec["containers"][0]["env"]]
-        assert env == [*RAY_ENV.items(), ("MOE_SERVE_API_KEY", None), ("HF_HUB_OFFLINE", "1")]
+        assert env == [*RAY_ENV.items(), ("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "4194304"), ("MOE_SERVE_API_KEY", None),
+                       ("HF_HUB_OFFLINE", "1")]
+    sized = render(helm, "--set", "serve.config.limits.max_body_bytes=1048576")
+    for spec in pods(sized):
+        assert {"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "value": "1048576"} in spec["containers"][0]["env"]
 
 
 def test_the_api_key_comes_from_a_secret_in_every_pod_and_is_required(helm):

@@ -111,17 +111,30 @@ def test_keys_on_both_doors_and_grpc_bound_to_the_http_host(app):
     assert get(f"{url}/docs")[0] == 401 and get(f"{url}/docs", AUTH)[0] == 200
     assert client.completions.create(model=model, prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
-    async def call(metadata):
-        async with grpc.aio.insecure_channel(target) as ch:
+    async def call(metadata, text="hi"):
+        async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
             stub = ggrpc.GenerationStub(ch)
             try:
-                return [r async for r in stub.Generate(gpb.GenerateRequest(text="hi", max_tokens=2),
+                return [r async for r in stub.Generate(gpb.GenerateRequest(text=text, max_tokens=2),
                                                        metadata=metadata)][-1].usage.completion_tokens
             except grpc.aio.AioRpcError as e:
                 return e.code()
     assert asyncio.run(call((("application", cfg.name),))) == grpc.StatusCode.UNAUTHENTICATED
     assert asyncio.run(call((("application", cfg.name), ("authorization", f"Bearer {KEY}")))) == 2
+    assert asyncio.run(call((("application", cfg.name), ("authorization", f"Bearer {KEY}")),
+                            text="x" * (cfg.limits.max_body_bytes + 1))) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert listening(cfg.grpc_port) == {"127.0.0.1"}
+
+    async def undecodable():       # a string that is not UTF-8: the proxy parses it as the plain server does
+        raw = gpb.GenerateRequest(text="hi", max_tokens=1).SerializeToString().replace(b"hi", b"\xed\xa0")
+        async with grpc.aio.insecure_channel(target) as ch:
+            call = ch.unary_stream("/moe_serve.generation.v1.Generation/Generate", request_serializer=None)
+            try:
+                return [r async for r in call(raw, metadata=(("application", cfg.name),
+                                                             ("authorization", f"Bearer {KEY}")))]
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+    assert asyncio.run(undecodable()) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_past_the_queue_requests_get_429_with_retry_after(app):

@@ -23,6 +23,7 @@ import uuid
 from typing import AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from attention_service.errors import Overloaded, RequestError, Unavailable
 from attention_service.sampling_params import SamplingParams
@@ -57,6 +58,34 @@ class RpcError(Exception):
         return (("retry-after", str(max(1, math.ceil(self.retry_after_s)))),)
 
 
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+class Undecodable:
+    """In place of a request that does not parse (bad UTF-8 in a string, a truncated message):
+    handed to the method, which answers INVALID_ARGUMENT, where a raising parser makes
+    gRPC answer UNKNOWN."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _parse(data: bytes) -> pb.GenerateRequest | Undecodable:
+    try:
+        return pb.GenerateRequest.FromString(data)
+    except DecodeError as e:
+        return Undecodable(str(e))
+
+
+def add_generation_servicer(servicer, server) -> None:
+    """Register Generation/Generate on a gRPC server with the tolerant parser. Serve's gRPC
+    proxy registers it through this too (`grpc_servicer_functions`), so both doors parse alike."""
+    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
+        servicer.Generate, request_deserializer=_parse, response_serializer=pb.GenerateResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 UNAUTHENTICATED = RpcError(grpc.StatusCode.UNAUTHENTICATED,
                            "missing or invalid API key: send it as 'authorization: Bearer KEY' metadata")
 
@@ -68,8 +97,11 @@ def authorize(backend: Backend, metadata) -> None:
         raise UNAUTHENTICATED
 
 
-def to_engine_request(backend: Backend, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+def to_engine_request(backend: Backend, request: pb.GenerateRequest | Undecodable
+                      ) -> tuple[list[int], SamplingParams]:
     """Prompt ids and sampling parameters, or RpcError (NOT_FOUND, INVALID_ARGUMENT)."""
+    if isinstance(request, Undecodable):
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
     if request.model and request.model != backend.model_name:
         raise RpcError(grpc.StatusCode.NOT_FOUND,
                        f"model {request.model!r} does not exist; this server serves {backend.model_name!r}")
@@ -96,7 +128,8 @@ def _refusal(e: RequestError) -> RpcError:
     return RpcError(grpc.StatusCode.INVALID_ARGUMENT, e.message)
 
 
-async def generate(backend: Backend, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+async def generate(backend: Backend, request: pb.GenerateRequest | Undecodable
+                   ) -> AsyncIterator[pb.GenerateResponse]:
     """Stream responses for one request. Refusals raise RpcError before the first response;
     an engine failure mid-stream raises RpcError(INTERNAL, or UNAVAILABLE when only the
     experts or the engine's replica went away) after the responses already sent."""
@@ -155,7 +188,7 @@ async def start_grpc_server(backend: Backend | Callable[[], Backend],
                             address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
     """A started grpc.aio server with the Generation service, and the port it bound."""
     server = grpc.aio.server()
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(backend), server)
+    add_generation_servicer(GenerationServicer(backend), server)
     port = server.add_insecure_port(address)
     await server.start()
     return server, port

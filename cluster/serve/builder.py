@@ -23,7 +23,7 @@ from cluster.serve.frontend import Frontend
 from mixtral.checkpoint import Checkpoint
 from protos.shard_access import message_bytes_for
 
-GRPC_SERVICERS = ["protos.generation_pb2_grpc.add_GenerationServicer_to_server"]
+GRPC_SERVICERS = ["cluster.api.grpc_api.add_generation_servicer"]
 POLICY = "cluster.serve.autoscale_policy:AppPolicy"
 # Serve's throughput settings (its performance guide's; Ray 2.60 still defaults to 1): user
 # code and handle routing on the replica's own event loop, not on threads of their own.
@@ -41,15 +41,18 @@ SERVE_FLAGS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN
 # cluster/serve/proxy_setup.py as it starts: the gRPC front door binds the app's host.
 RAY_ENV = {**SERVE_FLAGS, "RAY_worker_niceness": "0",
            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": proxy_setup.CALLBACK}
+GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"       # the gRPC proxy's message cap
 
 
 def set_ray_env(cfg: AppConfig | None = None) -> None:
-    """Before a local Ray starts: RAY_ENV for every process it starts, unless already set,
-    and the host the gRPC proxy binds (the app's http_host)."""
+    """Before a local Ray starts: RAY_ENV for every process it starts, unless already set;
+    and from the app's config, the host the gRPC proxy binds (http_host) and the largest
+    message it takes (limits.max_body_bytes, as for an HTTP body; Serve's default is 2 GiB)."""
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     if cfg is not None:
         os.environ[proxy_setup.GRPC_HOST_ENV] = cfg.http_host
+        os.environ[GRPC_MAX_MESSAGE_ENV] = str(cfg.limits.max_body_bytes)
 
 
 def _actor_options(r: Resources | None = None) -> dict:

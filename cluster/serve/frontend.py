@@ -126,7 +126,7 @@ class ServeBackend:
     async def ready(self) -> tuple[bool, dict]:
         """Ready: an attention replica beat lately and reaches at least one replica of every group."""
         self._ensure_watching()
-        r = await self.directory.readiness.remote()
+        r = await asyncio.wait_for(self.directory.readiness.remote(), 5.0)
         self.readiness = r
         reach = list(r["attention"].values())
         ok = any(all(live) for live in reach)

@@ -56,6 +56,9 @@ spec:
         - {name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP, value: "0"}
         - {name: RAY_worker_niceness, value: "0"}
         - {name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, value: "cluster.serve.proxy_setup:setup"}
+        # The gRPC proxy takes messages as large as an HTTP body may be (Serve's default is 2 GiB).
+        - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+          value: {{ dig "limits" "max_body_bytes" 4194304 $v.serve.config | int | quote }}
         {{- with include "moe-serve.apiKeySecret" $root }}
         # The front door's API key; read where the Frontend replica runs, which may be any pod.
         - name: MOE_SERVE_API_KEY
