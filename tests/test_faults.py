@@ -10,7 +10,6 @@ import signal
 import time
 
 import pytest
-import torch
 
 from attention_service.async_engine import AsyncEngine
 from attention_service.config import EngineConfig
@@ -31,13 +30,7 @@ N = 24
 GREEDY = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The shards share this machine's cores with the attention side."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")     # the shards share this machine's cores
 
 
 @pytest.fixture(scope="module")

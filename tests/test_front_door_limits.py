@@ -8,7 +8,6 @@ import asyncio
 import concurrent.futures
 import json
 import pickle
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,16 +47,6 @@ def http(url: str, path: str, body: bytes | dict | None = None, key: str | None 
             return r.status, dict(r.headers), json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), json.loads(e.read() or b"null")
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
 
 
 def _backend(ckpt) -> LocalBackend:
