@@ -230,3 +230,29 @@ def test_keys_and_loopback():
     assert keys.allows_header("Bearer c") and keys.allows_header("bearer  b") and not keys.allows_header("c")
     assert "a" not in repr(keys) and pickle.loads(pickle.dumps(keys)).allows("b")
     assert ApiKeys().allows(None)                                # no keys: the door is open
+
+
+def test_the_readme_config_decodes_and_the_app_needs_a_key_beyond_loopback(tiny_ckpt, monkeypatch):
+    from pathlib import Path
+
+    import yaml
+
+    from cluster.serve import app_config
+    from cluster.serve.builder import build_app
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Configuration")[1].split("```yaml\n")[1].split("```")[0]
+    cfg = app_config.decode(yaml.safe_load(block), "README")
+    assert (cfg.limits.default_max_tokens, cfg.attention.max_queued_requests, cfg.attention.expert_wait_s) == \
+        (2048, 64, 30) and cfg.api_keys == [] and cfg.expert_tls is None
+    for bad, words in (({"limits": {"max_body_bytes": 0}}, "max_body_bytes"),
+                       ({"attention": {"max_queued_requests": -1}}, "max_queued_requests"),
+                       ({"expert_tls": {"ca_file": "ca.pem"}}, "cert_file")):
+        with pytest.raises(ConfigError, match=words):
+            app_config.decode(bad)
+    monkeypatch.delenv("MOE_SERVE_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="API key"):
+        build_app(app_config.decode({"http_host": "0.0.0.0"}), str(tiny_ckpt))
+    build_app(app_config.decode({"http_host": "0.0.0.0", "api_keys": ["k"]}), str(tiny_ckpt))
+    monkeypatch.setenv("MOE_SERVE_API_KEY", "from-a-secret")
+    build_app(app_config.decode({"http_host": "0.0.0.0"}), str(tiny_ckpt))

@@ -13,6 +13,7 @@ nowhere else.
 
 import asyncio
 import logging
+import threading
 import time
 
 import ray
@@ -141,6 +142,21 @@ class Attention:
         loop = asyncio.get_running_loop()
         self._follow = loop.create_task(self._follow_directory(version, len(groups)))
         self._report = loop.create_task(self._report_load(len(groups)))
+        # The heartbeat has a thread of its own: a long step holds the event loop, but this
+        # replica is alive all the same. It stops only with the process (or __del__).
+        self._stop_beating = threading.Event()
+        threading.Thread(target=self._beat, args=(len(groups),), daemon=True, name="attention-beat").start()
+
+    def _beat(self, num_groups: int) -> None:
+        """Every second: "alive, and reaching these expert replicas" to the directory (the
+        front door's readiness, and how it knows at once that no attention replica is left)."""
+        while not self._stop_beating.is_set():
+            try:
+                self.directory.attention_beat.remote(self.replica, [len(self.transport.live(g))
+                                                                    for g in range(num_groups)])
+            except Exception:
+                log.warning("attention replica %s: directory unreachable", self.replica)
+            self._stop_beating.wait(1.0)
 
     async def _wait_for_experts(self, num_groups: int, timeout: float):
         deadline = time.monotonic() + timeout
@@ -163,16 +179,10 @@ class Attention:
                 await asyncio.sleep(1.0)
 
     async def _report_load(self, num_groups: int) -> None:
-        """Every second: a heartbeat with the expert replicas this replica reaches (the front
-        door's readiness), and the load figures, for telemetry and for the autoscaling policy."""
+        """Every second: the load figures, for telemetry and for the autoscaling policy."""
         tel = self.telemetry
         mine = {"replica": self.replica}
         while True:
-            try:
-                await self.directory.attention_beat.remote(
-                    self.replica, [len(self.transport.live(g)) for g in range(num_groups)])
-            except Exception:
-                log.exception("beating to the endpoint directory")
             await asyncio.sleep(1.0)
             try:
                 rates = self.routing.rates()
@@ -205,6 +215,7 @@ class Attention:
 
     async def __del__(self):
         """Leave the directory at once: the front door stops sending here before the lease runs out."""
+        self._stop_beating.set()
         self._report.cancel()
         self._follow.cancel()
         await self.directory.attention_gone.remote(self.replica)
