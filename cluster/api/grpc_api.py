@@ -23,11 +23,11 @@ import uuid
 from typing import AsyncIterator, Callable
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from attention_service.errors import Overloaded, RequestError, Unavailable
 from attention_service.sampling_params import SamplingParams
 from cluster.api.backend import Backend, close_quietly, getter, open_stream
+from cluster.api.grpc_register import Undecodable, add_generation_servicer
 from cluster.api.limits import default_max_tokens, limits_of
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc
@@ -56,34 +56,6 @@ class RpcError(Exception):
         if self.retry_after_s is None:
             return ()
         return (("retry-after", str(max(1, math.ceil(self.retry_after_s)))),)
-
-
-SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
-
-
-class Undecodable:
-    """In place of a request that does not parse (bad UTF-8 in a string, a truncated message):
-    handed to the method, which answers INVALID_ARGUMENT, where a raising parser makes
-    gRPC answer UNKNOWN."""
-
-    def __init__(self, error: str):
-        self.error = error
-
-
-def _parse(data: bytes) -> pb.GenerateRequest | Undecodable:
-    try:
-        return pb.GenerateRequest.FromString(data)
-    except DecodeError as e:
-        return Undecodable(str(e))
-
-
-def add_generation_servicer(servicer, server) -> None:
-    """Register Generation/Generate on a gRPC server with the tolerant parser. Serve's gRPC
-    proxy registers it through this too (`grpc_servicer_functions`), so both doors parse alike."""
-    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
-        servicer.Generate, request_deserializer=_parse, response_serializer=pb.GenerateResponse.SerializeToString)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 UNAUTHENTICATED = RpcError(grpc.StatusCode.UNAUTHENTICATED,

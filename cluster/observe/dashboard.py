@@ -49,6 +49,10 @@ class Panel:
     description: str = ""
 
 
+# Request outcomes that did not end in tokens: failed, refused as bad, shed (429), unserved (503).
+FAILED = "error|rejected|overloaded|unavailable"
+
+
 def _quantiles(metric: str, by: str = "") -> tuple[Query, ...]:
     keys = f"{by}, le" if by else "le"
     who = f"{{{{{by}}}}} " if by else ""
@@ -97,8 +101,8 @@ PANELS: tuple[Panel, ...] = (
     Panel("kv", "KV cache use", "gauge",
           (Query("avg(moe_serve_kv_cache_usage)", "mean"), Query("max(moe_serve_kv_cache_usage)", "fullest replica")),
           "percentunit", REQUESTS, 8, page=True),
-    Panel("errors", "Failed and rejected requests/s", "timeseries",
-          (Query(f'sum by (outcome) (rate(moe_serve_requests_total{{outcome=~"error|rejected"}}[{RATE}]))',
+    Panel("errors", "Failed, rejected, shed (429) and unserved (503) requests/s", "timeseries",
+          (Query(f'sum by (outcome) (rate(moe_serve_requests_total{{outcome=~"{FAILED}"}}[{RATE}]))',
                  "{{outcome}}"),), "reqps", REQUESTS, 12, page=True),
     Panel("outcomes", "Requests/s by outcome", "timeseries",
           (Query(f"sum by (outcome) (rate(moe_serve_requests_total[{RATE}]))", "{{outcome}}"),),

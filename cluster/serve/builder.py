@@ -23,7 +23,7 @@ from cluster.serve.frontend import Frontend
 from mixtral.checkpoint import Checkpoint
 from protos.shard_access import message_bytes_for
 
-GRPC_SERVICERS = ["cluster.api.grpc_api.add_generation_servicer"]
+GRPC_SERVICERS = ["cluster.api.grpc_register.add_generation_servicer"]
 POLICY = "cluster.serve.autoscale_policy:AppPolicy"
 # Serve's throughput settings (its performance guide's; Ray 2.60 still defaults to 1): user
 # code and handle routing on the replica's own event loop, not on threads of their own.

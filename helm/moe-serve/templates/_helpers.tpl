@@ -92,7 +92,7 @@ policy gets the app's config as its constructor argument. */}}
       "policy_kwargs" (dict "config" $args)) }}
 {{- end }}
 {{- $grpc := dict "port" .Values.ports.grpc
-      "grpc_servicer_functions" (list "cluster.api.grpc_api.add_generation_servicer") }}
+      "grpc_servicer_functions" (list "cluster.api.grpc_register.add_generation_servicer") }}
 {{- toYaml (dict "http_options" (dict "host" "0.0.0.0" "port" .Values.ports.http)
                  "grpc_options" $grpc "applications" (list $app)) }}
 {{- end }}
