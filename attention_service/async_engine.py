@@ -4,6 +4,13 @@ One background task runs the engine's steps while any request is in flight; each
 has its own queue of deltas. Leaving a stream early (client gone, `aclose()`, task
 cancelled) cancels the request and frees its KV blocks at once.
 
+A step that finds an expert group with no live replica (`ExpertGroupUnavailable`) has
+changed nothing yet (tokens are recorded only after the whole step), so it is tried again,
+backing off, while the directory brings a replica back; a request that has waited
+`expert_wait_s` for one ends with an "unavailable" error, which the front doors answer
+with 503 and Retry-After. With `max_waiting` set, a request that would queue behind that
+many waiting ones is refused with `Overloaded` before any work.
+
 Text is decoded incrementally (multi-byte characters are held until complete) and stop
 strings are honoured on the text: the output ends just before the first stop string,
 and text that might be the start of one is held back until it is known not to be.
@@ -11,12 +18,15 @@ and text that might be the start of one is held back until it is known not to be
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import msgspec
 
 from attention_service.engine import Engine
+from attention_service.errors import Overloaded
+from attention_service.grpc_transport import ExpertGroupUnavailable
 from attention_service.sampling_params import SamplingParams
 from attention_service.sequence import Sequence
 from attention_service.tokenizer import IncrementalDecoder, Tokenizer
@@ -35,13 +45,16 @@ class Delta(msgspec.Struct, frozen=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # With finish_reason "error": "unavailable" when only the experts being out of reach
+    # failed it (the same request may succeed later), else None.
+    error_code: str | None = None
 
     def then(self, later: "Delta") -> "Delta":
         """This delta followed by a later one of the same request, as one."""
         lps = (None if self.logprobs is None and later.logprobs is None
                else (self.logprobs or []) + (later.logprobs or []))
         return Delta(self.token_ids + later.token_ids, self.text + later.text, later.finish_reason, lps,
-                     later.prompt_tokens, later.completion_tokens, later.error)
+                     later.prompt_tokens, later.completion_tokens, later.error, later.error_code)
 
 
 @dataclass
@@ -51,11 +64,18 @@ class _Request:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     sent_tokens: int = 0
     held: str = ""           # decoded text not yet sent: it may begin a stop string
+    stalled: float | None = None   # since when its steps have found an expert group unreachable
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, max_waiting: int | None = None,
+                 expert_wait_s: float = 30.0, retry_after_s: float = 5.0):
+        """max_waiting: refuse requests beyond this many waiting (None: no bound; a Serve
+        deployment bounds its queue in Serve instead). expert_wait_s: how long a request
+        waits for an expert group to come back. retry_after_s: what refusals advise."""
         self.engine, self.tokenizer = engine, tokenizer
+        self.max_waiting, self.expert_wait_s, self.retry_after_s = max_waiting, expert_wait_s, retry_after_s
+        self._outage: float | None = None          # when steps began to find a group unreachable
         self._requests: dict[int, _Request] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -81,7 +101,11 @@ class AsyncEngine:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, trace_context=None
                        ) -> AsyncIterator[Delta]:
-        """Stream one request's deltas; the last one carries finish_reason. Bad input raises RequestError."""
+        """Stream one request's deltas; the last one carries finish_reason. Bad input raises
+        RequestError, a full queue Overloaded."""
+        if self.max_waiting is not None and self.engine.num_waiting >= self.max_waiting:
+            raise Overloaded(f"server busy: {self.engine.num_waiting} requests already wait; retry later",
+                             self.retry_after_s)
         seq = self.engine.add(prompt_ids, params, trace_context)      # validates before any work
         req = _Request(seq, self.tokenizer.incremental(context=prompt_ids))
         self._requests[seq.seq_id] = req
@@ -111,7 +135,7 @@ class AsyncEngine:
             lps += d.logprobs or []
             last = d
         return Delta(ids, "".join(text), last.finish_reason, lps if params.logprobs is not None else None,
-                     last.prompt_tokens, last.completion_tokens, last.error)
+                     last.prompt_tokens, last.completion_tokens, last.error, last.error_code)
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
@@ -125,10 +149,18 @@ class AsyncEngine:
                 continue
             try:
                 touched = await self.engine.step()
+            except ExpertGroupUnavailable as e:
+                await self._wait_for_experts(str(e))
+                continue
             except Exception as e:   # a step that cannot be computed fails its requests, not the engine
                 log.exception("engine step failed")
                 self._fail_all(f"{type(e).__name__}: {e}")
                 continue
+            if self._outage is not None:
+                log.warning("expert groups reachable again after %.1f s", time.monotonic() - self._outage)
+                self._outage = None
+                for req in self._requests.values():
+                    req.stalled = None
             for seq in touched:
                 req = self._requests.get(seq.seq_id)
                 if req is not None:
@@ -155,12 +187,29 @@ class AsyncEngine:
         req.queue.put_nowait(Delta(new, text, finish, lps, seq.num_prompt_tokens, seq.num_output,
                                    seq.error if finish == "error" else None))
 
+    async def _wait_for_experts(self, message: str) -> None:
+        """A step found an expert group unreachable: fail the requests that have waited long
+        enough, then pause before the step is tried again (it changed nothing)."""
+        now = time.monotonic()
+        if self._outage is None:
+            self._outage = now
+            log.warning("%s; requests wait up to %.0f s for a replica", message, self.expert_wait_s)
+        for req in list(self._requests.values()):
+            req.stalled = req.stalled or now
+            if now - req.stalled >= self.expert_wait_s:
+                self._fail(req, f"{message} (waited {now - req.stalled:.0f} s)", "unavailable")
+        # Short at first (a replica set aside comes back quickly), at most a second.
+        await asyncio.sleep(min(1.0, 0.05 + (now - self._outage) / 4))
+
+    def _fail(self, req: _Request, message: str, code: str | None = None) -> None:
+        if not req.seq.is_finished:
+            self.engine.finish(req.seq, "error")
+            req.queue.put_nowait(Delta([], "", "error", None, req.seq.num_prompt_tokens,
+                                       req.seq.num_output, error=message, error_code=code))
+
     def _fail_all(self, message: str) -> None:
         for req in list(self._requests.values()):
-            if not req.seq.is_finished:
-                self.engine.finish(req.seq, "error")
-                req.queue.put_nowait(Delta([], "", "error", None, req.seq.num_prompt_tokens,
-                                           req.seq.num_output, error=message))
+            self._fail(req, message)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -33,6 +33,7 @@ from protos import codec
 from protos import expert_pb2 as pb
 from protos.channel import INFO, REVISION
 from protos.device_copy import DeviceCopier
+from protos.shard_access import ShardAccess, open_channel
 from protos.wire_fp8 import quantize_rows
 from router.dispatch import GroupBatch, Placement
 
@@ -68,11 +69,6 @@ _REPLICA_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEE
                      grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 
 
-def call_metadata() -> tuple[tuple[str, str], ...]:
-    """The gRPC metadata every call to an expert shard carries: the one place it is built."""
-    return ()
-
-
 class ExpertGroupUnavailable(RuntimeError):
     """No live replica of an expert group: the step cannot be computed."""
 
@@ -99,16 +95,18 @@ class WireStats:
 
 class GrpcTransport:
     def __init__(self, groups: list[list[str]], timeout: float = 30.0, retry_after: float = 5.0,
-                 min_rows_per_replica: int = 32, wire_dtype: str = "model", connections: int = 1):
+                 min_rows_per_replica: int = 32, wire_dtype: str = "model", connections: int = 1,
+                 access: ShardAccess | None = None):
         """groups[g]: the addresses of group g's replicas. wire_dtype: "model" (rows travel in
         the model's dtype) or "fp8" (e4m3 with a scale per row; results still in the model's).
-        connections: TCP connections per replica, for links one connection does not fill."""
+        connections: TCP connections per replica, for links one connection does not fill.
+        access: what to present to the shards (the app's token, TLS, message caps)."""
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {wire_dtype!r}")
         if connections < 1:
             raise ValueError(f"connections must be at least 1, got {connections}")
-        self.connections = connections
-        self.replicas: list[list[Replica]] = [[Replica.open(a, connections, call_metadata()) for a in addrs]
+        self.connections, self.access = connections, access
+        self.replicas: list[list[Replica]] = [[Replica.open(a, connections, access) for a in addrs]
                                               for addrs in groups]
         self.timeout, self.retry_after, self.min_rows = timeout, retry_after, min_rows_per_replica
         self.fp8 = wire_dtype == "fp8"
@@ -123,7 +121,7 @@ class GrpcTransport:
     def set_replicas(self, group: int, addresses: list[str]) -> None:
         """Follow the endpoint directory: keep known replicas, open new ones, drop the gone."""
         known = {r.address: r for r in self.replicas[group]}
-        self.replicas[group] = [known.pop(a, None) or Replica.open(a, self.connections, call_metadata())
+        self.replicas[group] = [known.pop(a, None) or Replica.open(a, self.connections, self.access)
                                  for a in addresses]
         for gone in known.values():
             asyncio.ensure_future(gone.close(grace=self.timeout))
@@ -242,8 +240,8 @@ class GrpcTransport:
 
 
 async def discover(addresses: list[str], num_layers: int, num_experts: int, fingerprint: str | None = None,
-                   timeout: float = 30.0, wire_dtype: str = "model", echo: bool = False
-                   ) -> tuple[list[list[str]], Placement]:
+                   timeout: float = 30.0, wire_dtype: str = "model", echo: bool = False,
+                   access: ShardAccess | None = None) -> tuple[list[list[str]], Placement]:
     """Ask each shard what it holds: shards holding the same pairs are replicas of one group.
 
     Refuses shards serving another checkpoint than `fingerprint`, shards older than this
@@ -252,11 +250,11 @@ async def discover(addresses: list[str], num_layers: int, num_experts: int, fing
     one in two different groups.
     """
     async def info(address: str) -> pb.ShardInfo:
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with open_channel(address, access) as ch:
             call = ch.unary_unary(INFO, request_serializer=pb.InfoRequest.SerializeToString,
                                   response_deserializer=pb.ShardInfo.FromString)
             try:
-                return await call(pb.InfoRequest(), timeout=timeout, wait_for_ready=True, metadata=call_metadata())
+                return await call(pb.InfoRequest(), timeout=timeout, wait_for_ready=True)
             except grpc.aio.AioRpcError as err:
                 raise ExpertGroupUnavailable(f"expert shard {address}: {err.code().name}: {err.details()}") from None
 

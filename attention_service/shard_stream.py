@@ -17,7 +17,8 @@ import grpc
 
 from protos import codec
 from protos import expert_pb2 as pb
-from protos.channel import FORWARD_STREAM, channel_options
+from protos.channel import FORWARD_STREAM
+from protos.shard_access import ShardAccess, open_channel
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 _unpack_result = functools.partial(codec.unpack, pb.ExpertResult)
@@ -99,11 +100,12 @@ class Replica:
     _turn: itertools.count = field(default_factory=itertools.count)
 
     @classmethod
-    def open(cls, address: str, connections: int = 1, metadata: tuple = ()) -> "Replica":
-        # A pool of its own per channel: channels with equal options would otherwise share one connection.
-        opts = channel_options() + ([("grpc.use_local_subchannel_pool", 1)] if connections > 1 else [])
-        channels = [grpc.aio.insecure_channel(address, options=opts) for _ in range(connections)]
-        return cls(address, channels, metadata=metadata, _streams=[None] * connections)
+    def open(cls, address: str, connections: int = 1, access: ShardAccess | None = None) -> "Replica":
+        # The app's token, TLS and message caps come with access (protos/shard_access.py). A pool
+        # of its own per channel: channels with equal options would otherwise share one connection.
+        extra = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
+        channels = [open_channel(address, access, extra) for _ in range(connections)]
+        return cls(address, channels, metadata=(access or ShardAccess()).metadata(), _streams=[None] * connections)
 
     async def forward(self, batch_id: int, request: bytes, timeout: float):
         """(ExpertResult, tensors) for one packed batch, on the next connection's stream."""

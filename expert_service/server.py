@@ -32,6 +32,7 @@ import grpc
 import torch
 from opentelemetry import propagate, trace
 
+from expert_service import auth
 from expert_service.echo import EchoExperts
 from expert_service.loader import load_experts
 from mixtral.checkpoint import Checkpoint, resolve_dtype
@@ -39,6 +40,7 @@ from protos import codec
 from protos import expert_pb2 as pb
 from protos.channel import DEFAULT_MAX_MESSAGE_BYTES, FORWARD, FORWARD_STREAM, REVISION, SERVICE, channel_options  # noqa: F401
 from protos.device_copy import DeviceCopier
+from protos.shard_access import ShardAccess
 from protos.wire_fp8 import E4M3, dequantize_rows
 from router.dispatch import group_pairs
 
@@ -318,10 +320,11 @@ def _ids(ids: list[int] | None) -> str:
 async def serve(model_dir: str | Path, experts: list[int], layers: list[int] | None = None, port: int = 0,
                 host: str = "127.0.0.1", device: str = "cpu", dtype: str = "auto", shard_id: str | None = None,
                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, group: int | None = None,
-                echo: bool = False) -> tuple[ShardServer, int]:
+                echo: bool = False, access: ShardAccess | None = None) -> tuple[ShardServer, int]:
     """Load `experts` of `layers` (None: all) from model_dir and serve them; port 0 picks one.
     `group`: the expert group this shard is a replica of, for telemetry labels. `echo`: load
-    no weights and answer each batch with its rows (expert_service/echo.py)."""
+    no weights and answer each batch with its rows (expert_service/echo.py). `access`: the
+    token callers must present, and TLS (expert_service/auth.py)."""
     ckpt = Checkpoint(model_dir, require_tokenizer=False)
     cfg = ckpt.config
     if not experts:
@@ -337,11 +340,13 @@ async def serve(model_dir: str | Path, experts: list[int], layers: list[int] | N
     shard_id = shard_id or "experts-" + "-".join(map(str, experts))
     servicer = ExpertShardServicer(weights, cfg.hidden_size, ckpt.fingerprint(), shard_id, device, echo)
 
+    # Access control (expert_service/auth.py): the app's token and TLS when `access` has them.
     # so_reuseport off: a second shard on a taken port must fail, not share it silently.
-    server = grpc.aio.server(options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)],
+                             interceptors=auth.interceptors(access))
     server.add_generic_rpc_handlers([servicer.handler()])
     try:
-        bound = server.add_insecure_port(_host_port(host, port))
+        bound = auth.listen(server, _host_port(host, port), access)
     except RuntimeError as e:
         raise RuntimeError(f"cannot listen on {_host_port(host, port)}: {e}") from None
     if not bound:  # older grpc versions signal failure with port 0

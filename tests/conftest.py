@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Test clusters are single-machine and on loopback: without this Ray rewrites 127.0.0.1
 # into the host's interface address when a driver connects (read when ray is imported).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -44,10 +46,21 @@ def tiny_ckpt(make_ckpt) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_torch_thread():
+def one_thread():
     """torch on one thread for a module: shard processes share this machine's cores (an attention
     side spinning two threads starves them), and sums then run in the shards' order."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """An event loop in a thread, for servers (as in production, the engine loop lives there)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)

@@ -15,9 +15,7 @@ PROMPTS = [[1] + list(range(500, 500 + n)) for n in (1, 9, 33, 120, 4, 60)]
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread(one_torch_thread):
-    """The shards share this machine's cores: an attention side spinning two threads starves them."""
+pytestmark = pytest.mark.usefixtures("one_thread")     # the shards share this machine's cores
 
 
 @pytest.fixture(scope="module")

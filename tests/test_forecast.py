@@ -18,7 +18,7 @@ NET100 = Network(100.0, latency_us=10.0, rpc_overhead_us=50.0)
 @pytest.fixture(scope="module")
 def plan8():
     """8 H100s: 4 attention replicas of 4 sequences of 64K, 4 groups of 2 whole experts."""
-    p = make_plan(MC, gpu_bytes=parse_size("80GiB"), context=65536, concurrency=16)
+    p = make_plan(MC, gpu_bytes=parse_size("80GiB"), context=65536, concurrency=16, expert_replicas=1)
     assert (p.attention_replicas, len(p.groups), p.gpus, p.kv_sequences) == (4, 4, 8, 4)
     return p
 
@@ -102,7 +102,8 @@ def test_gpu_figures_from_bench_json(tmp_path):
 
 def test_plan_forecast_command():
     out = subprocess.run([sys.executable, "-m", "cluster.tools.cli", "plan", "--preset", "mixtral-8x22b",
-                          "--gpu-memory", "80GiB", "--context", "65536", "--concurrency", "16", "--forecast",
+                          "--gpu-memory", "80GiB", "--context", "65536", "--concurrency", "16", "--expert-replicas", "1",
+                          "--forecast",
                           "--batch", "4,8"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     text = out.stdout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-import threading
 import time
 
 import grpc
@@ -19,17 +18,6 @@ from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc as pb_grpc
 
 CONTEXT = 64      # a short context, so "unset max_tokens runs to the end of it" is quick to check
-
-
-@pytest.fixture(scope="module")
-def loop():
-    """An event loop in a thread for the servers (as in production, the engine loop lives there)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
 
 
 def _serve(loop, backend):

@@ -2,6 +2,7 @@
 both presets, checked against KubeRay's CRD schema, the Kubernetes schemas, Ray Serve's own
 config schema and our AppConfig."""
 
+import base64
 import importlib
 import json
 import subprocess
@@ -78,7 +79,7 @@ def test_lint_strict(helm, values_files):
 @pytest.mark.parametrize("case", VALUES)
 def test_ray_cluster_layout(rendered, case):
     docs = rendered[case]
-    assert set(docs) == {"RayService", "Service", "ConfigMap"}
+    assert set(docs) == {"RayService", "Service", "ConfigMap", "Secret"}
     rs = docs["RayService"]
     assert rs["apiVersion"] == "ray.io/v1" and rs["metadata"]["name"] == NAME
     cluster = rs["spec"]["rayClusterConfig"]
@@ -161,7 +162,7 @@ def test_import_paths_resolve(rendered):
 
 def test_autoscaling_off_leaves_the_policy_out(helm):
     (app,) = serve_config(render(helm, "--set", "serve.config.autoscaling.enabled=false"))["applications"]
-    assert "autoscaling_policy" not in app and app["args"]["autoscaling"] == {"enabled": False}
+    assert "autoscaling_policy" not in app and app["args"]["autoscaling"]["enabled"] is False
 
 
 def test_ports_move_together(helm):
@@ -193,7 +194,7 @@ def test_rayservice_matches_the_kuberay_crd(rendered, case):
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_core_objects_and_pod_templates_validate(rendered, case, version):
     docs = rendered[case]
-    for kind in ("Service", "ConfigMap"):
+    for kind in ("Service", "ConfigMap", "Secret"):
         kubernetes_validate.validate(docs[kind], version, strict=True)
     cluster = docs["RayService"]["spec"]["rayClusterConfig"]
     for spec in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
@@ -302,4 +303,65 @@ def test_every_ray_container_starts_with_the_apps_ray_environment(helm):
     docs = render(helm, "--set", "env[0].name=HF_HUB_OFFLINE", "--set-string", "env[0].value=1")
     for spec in pods(docs):
         env = [(e["name"], e.get("value")) for e in spec["containers"][0]["env"]]
-        assert env == [*RAY_ENV.items(), ("HF_HUB_OFFLINE", "1")]
+        assert env == [*RAY_ENV.items(), ("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "4194304"), ("MOE_SERVE_API_KEY", None),
+                       ("HF_HUB_OFFLINE", "1")]
+    sized = render(helm, "--set", "serve.config.limits.max_body_bytes=1048576")
+    for spec in pods(sized):
+        assert {"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "value": "1048576"} in spec["containers"][0]["env"]
+
+
+def test_the_api_key_comes_from_a_secret_in_every_pod_and_is_required(helm):
+    """The proxies listen on every interface, so the app needs a key: the chart's Secret, or the user's."""
+    docs = render(helm)
+    secret = docs["Secret"]
+    key = base64.b64decode(secret["data"]["api-key"]).decode()
+    assert len(key) == 40 and key.isalnum()
+    for spec in pods(docs):
+        env = spec["containers"][0]["env"]
+        (ref,) = [e["valueFrom"]["secretKeyRef"] for e in env if e["name"] == "MOE_SERVE_API_KEY"]
+        assert ref == {"name": secret["metadata"]["name"], "key": "api-key"}
+    mine = render(helm, "--set", "apiKey.existingSecret=vault-synced", "--set", "apiKey.secretKey=token",
+                  "--set", "monitoring.serviceMonitor.enabled=true", "--set", "monitoring.podMonitor.enabled=true")
+    assert "Secret" not in mine
+    for spec in pods(mine):
+        assert {"name": "vault-synced", "key": "token"} in [e.get("valueFrom", {}).get("secretKeyRef")
+                                                             for e in spec["containers"][0]["env"]]
+    # /metrics is behind the key too: both monitors present it.
+    for kind, endpoints in (("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")):
+        (ep,) = mine[kind]["spec"][endpoints]
+        assert ep["authorization"] == {"type": "Bearer", "credentials": {"name": "vault-synced", "key": "token"}}
+    r = template(helm, "--set", "apiKey.create=false")
+    assert r.returncode != 0 and "needs an API key" in r.stderr
+    assert template(helm, "--set", "apiKey.create=false", "--set-json", 'serve.config.api_keys=["k"]').returncode == 0
+
+
+def test_workers_are_probed_through_health_and_ready_and_the_head_is_left_to_kuberay(rendered):
+    docs = rendered["default"]
+    cluster = docs["RayService"]["spec"]["rayClusterConfig"]
+    (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    assert not {"startupProbe", "livenessProbe", "readinessProbe"} & set(head)
+    for g in cluster["workerGroupSpecs"]:
+        (c,) = g["template"]["spec"]["containers"]
+        assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "serve"}
+        assert c["livenessProbe"]["httpGet"] == c["startupProbe"]["httpGet"] == {"path": "/health", "port": "serve"}
+        assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 1800
+
+
+def test_expert_groups_start_with_two_replicas_each(rendered):
+    cfg = app_config.decode(serve_config(rendered["default"])["applications"][0]["args"])
+    assert [g.replicas for g in cfg.expert_groups] == [2, 2] and cfg.autoscaling.experts.min_replicas == 2
+    assert groups(rendered["default"])["experts"]["minReplicas"] == 4
+
+
+def test_expert_tls_secret_is_mounted_and_configured(helm):
+    docs = render(helm, "--set", "expertTLS.secretName=experts-tls")
+    cfg = app_config.decode(serve_config(docs)["applications"][0]["args"])
+    d = "/etc/moe-serve/expert-tls"
+    assert (cfg.expert_tls.ca_file, cfg.expert_tls.cert_file, cfg.expert_tls.key_file) == (
+        f"{d}/ca.crt", f"{d}/tls.crt", f"{d}/tls.key")
+    assert cfg.expert_tls.mutual and cfg.expert_tls.server_name == "moe-serve-experts"
+    for spec in pods(docs):
+        (vol,) = [v for v in spec["volumes"] if v["name"] == "expert-tls"]
+        assert vol["secret"]["secretName"] == "experts-tls"
+        assert {"name": "expert-tls", "mountPath": d, "readOnly": True} in spec["containers"][0]["volumeMounts"]
+    assert app_config.decode(serve_config(render(helm))["applications"][0]["args"]).expert_tls is None

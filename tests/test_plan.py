@@ -63,9 +63,9 @@ def test_plan_invariants(name, gpu, context, concurrency):
     assert p.kv_sequences * p.attention_replicas >= concurrency
     assert p.kv_tokens % p.block_size == 0 and p.kv_cache_bytes == p.kv_tokens * p.kv_bytes_per_token
     assert p.warnings == []
-    # Start at one replica per group; the experts' GPUs are the groups'.
-    assert all(g.replicas == 1 and g.max_replicas >= 1 for g in p.groups)
-    assert p.gpus == p.attention_replicas + len(p.groups)
+    # Two replicas per group, so that one can fail without stalling the model; GPUs to match.
+    assert all(g.replicas == 2 and g.max_replicas >= 2 for g in p.groups)
+    assert p.gpus == p.attention_replicas + 2 * len(p.groups)
 
 
 def test_groups_are_as_few_as_fit_and_even():
@@ -120,6 +120,8 @@ def test_chart_values_decode_into_the_app_config(name):
     w = values["workers"]
     assert w["attention"]["minReplicas"] == p.attention_replicas
     assert w["experts"]["maxReplicas"] == sum(g.max_replicas for g in p.groups)
+    assert w["experts"]["minReplicas"] == sum(g.replicas for g in p.groups) == 2 * len(p.groups)
+    assert cfg.autoscaling.experts.min_replicas == 2 and all(g.replicas == 2 for g in cfg.expert_groups)
     # What the engine itself will accept: every pair placed once.
     from router.dispatch import Placement
     Placement.from_groups([[(layer, e) for e in g.experts for layer in (g.layers or range(p.num_layers))]
@@ -137,7 +139,10 @@ def test_command_prints_the_plan_and_writes_values(tmp_path: Path):
                  "--values-out", str(out))
     assert r.returncode == 0, r.stderr
     assert "2 replicas, 1 GPU each" in r.stdout and "4 groups" in r.stdout
-    assert "6 to start (2 attention + 4 experts), 10 with every group at its max" in r.stdout
+    assert "10 to start (2 attention + 8 experts), 18 with every group at its max" in r.stdout
+    assert "replicas     2 replicas per group: every token passes through every group" in r.stdout
+    one = run_plan("--preset", "mixtral-8x22b", "--gpu-memory", "80GiB", "--concurrency", "8", "--expert-replicas", "1")
+    assert "6 to start (2 attention + 4 experts)" in one.stdout and "--expert-replicas 2 avoids that" in one.stdout
     text = out.read_text()
     assert text.startswith("# moe-serve plan\n")
     values = yaml.safe_load(text)

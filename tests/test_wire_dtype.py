@@ -61,7 +61,7 @@ async def _partials(addresses, layer, y, ids, w, wire_dtype):
         await transport.close()
 
 
-def test_bf16_rows_equal_in_process_and_fp8_within_tolerance(tiny_ckpt, bf16_shards, one_torch_thread):
+def test_bf16_rows_equal_in_process_and_fp8_within_tolerance(tiny_ckpt, bf16_shards, one_thread):
     g = torch.Generator().manual_seed(3)
     T = 200
     y = torch.randn(T, D, generator=g).to(torch.bfloat16)
@@ -88,7 +88,7 @@ def test_bf16_rows_equal_in_process_and_fp8_within_tolerance(tiny_ckpt, bf16_sha
     assert fp8_stats.bytes_received == bf16_stats.bytes_received
 
 
-def test_bf16_engine_over_grpc_gives_the_in_process_tokens(tiny_ckpt, bf16_shards, one_torch_thread):
+def test_bf16_engine_over_grpc_gives_the_in_process_tokens(tiny_ckpt, bf16_shards, one_thread):
     cfg = EngineConfig(dtype="bfloat16")
     engine, _ = build_engine(tiny_ckpt, cfg, groups=2)
     expected = [s.output_ids for s in asyncio.run(engine.generate(PROMPTS, GREEDY))]

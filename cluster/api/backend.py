@@ -6,7 +6,9 @@ same `Delta` structs and errors arrive re-raised from another process with their
 So requests are checked here, before dispatch, and `open_stream` waits for the first
 delta: input the engine alone can refuse (a KV cache too small) still fails before any
 response is sent, and the caller can answer with a clean 400 / INVALID_ARGUMENT instead
-of a broken stream.
+of a broken stream. A request the engine could not serve before its first token only
+because the experts were out of reach raises `Unavailable` there too (503, not a 200
+carrying an error).
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import anyio
 from attention_service import sampling_params
 from attention_service.async_engine import AsyncEngine, Delta
 from attention_service.config import EngineConfig
+from attention_service.errors import Unavailable
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
+from cluster.api.access import ApiKeys
+from cluster.api.limits import RequestLimits, check_params, limits_of
 from cluster.local import build_engine
 
 
@@ -28,29 +33,46 @@ class Backend(Protocol):
     model_name: str          # what /v1/models lists and requests must name
     tokenizer: Tokenizer
     max_model_len: int
+    limits: RequestLimits    # what one request may ask (cluster/api/limits.py)
+    api_keys: ApiKeys        # who may ask (none: anyone who reaches the port)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         """One request's deltas, the last with finish_reason; bad input raises RequestError."""
+        ...
+
+    async def ready(self) -> tuple[bool, dict]:
+        """Whether a request sent now could be served, and what was found (for /ready)."""
         ...
 
 
 class LocalBackend:
     """An `AsyncEngine` in this process. Its engine loop binds to the event loop that first streams."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str):
-        self.engine, self.model_name = engine, model_name
+    def __init__(self, engine: AsyncEngine, model_name: str, limits: RequestLimits = RequestLimits(),
+                 api_keys: ApiKeys = ApiKeys()):
+        self.engine, self.model_name, self.limits, self.api_keys = engine, model_name, limits, api_keys
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
 
     @classmethod
     def from_checkpoint(cls, model_dir: str | Path, cfg: EngineConfig | None = None, groups: int = 1,
-                        model_name: str | None = None) -> LocalBackend:
+                        model_name: str | None = None, limits: RequestLimits = RequestLimits(),
+                        api_keys: ApiKeys = ApiKeys(), max_waiting: int | None = None) -> LocalBackend:
         """Load the checkpoint with every expert in-process; served under the folder's name by default."""
         engine, tok = build_engine(model_dir, cfg or EngineConfig(), groups)
-        return cls(AsyncEngine(engine, tok), model_name or Path(model_dir).resolve().name)
+        return cls(AsyncEngine(engine, tok, max_waiting=max_waiting, retry_after_s=limits.retry_after_s),
+                   model_name or Path(model_dir).resolve().name, limits, api_keys)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         return self.engine.generate(prompt_ids, params)
+
+    async def ready(self) -> tuple[bool, dict]:
+        """Experts behind a gRPC transport are ready while every group has a live replica."""
+        live = getattr(self.engine.engine.transport, "live", None)
+        if live is None:
+            return True, {}
+        counts = [len(live(g)) for g in range(len(self.engine.engine.transport.replicas))]
+        return all(counts), {"expert_replicas": counts}
 
     async def close(self) -> None:
         await self.engine.close()
@@ -73,13 +95,10 @@ def token_text(tok: Tokenizer, token_id: int) -> str:
 
 
 def check_prompt(backend: Backend, prompt_ids: list[int], params: SamplingParams) -> None:
-    """Refuse what the engine would refuse, in its words, before anything is dispatched."""
+    """Refuse what the engine would refuse, in its words, and what the limits forbid, before
+    anything is dispatched."""
+    check_params(params, limits_of(backend), backend.tokenizer.vocab_size)
     sampling_params.check_prompt(prompt_ids, params, backend.tokenizer.vocab_size, backend.max_model_len)
-
-
-def room_left(backend: Backend, prompt_ids: list[int]) -> int:
-    """The largest max_tokens the context allows: the default when a request sets none."""
-    return max(1, backend.max_model_len - len(prompt_ids) + 1)
 
 
 async def open_stream(backend: Backend, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
@@ -95,6 +114,9 @@ async def open_stream(backend: Backend, prompt_ids: list[int], params: SamplingP
     except BaseException:
         await close_quietly(it)
         raise
+    if first.finish_reason == "error" and first.error_code == "unavailable" and not first.token_ids:
+        await close_quietly(it)
+        raise Unavailable(f"generation could not start: {first.error}", limits_of(backend).retry_after_s)
     return _chain(first, it)
 
 

@@ -1,10 +1,15 @@
-"""OpenAI-compatible HTTP routes: /v1/completions, /v1/chat/completions, /v1/models, /health.
+"""OpenAI-compatible HTTP routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /ready.
 
 Routes reach the engine only through a `Backend`, fetched per request from
 `get_backend()`, so a Ray Serve ingress can mount them on its FastAPI app at import time
 and supply the backend once its replica is built. Bodies are parsed here rather than by
 FastAPI so that every failure (bad JSON, a missing content-type, a wrong field) gets
-OpenAI's error body and a 400, with the offending field named in `param`.
+OpenAI's error body and a 400, with the offending field named in `param`. The gate in front of the routes (API key, body
+size, content type) is cluster/api/http_guard.py; the bounds on each field are limits.py.
+
+`/health` is liveness: 200 while this process answers. `/ready` is readiness: 200 only
+while a request sent now could be served (the backend says what it found), else 503.
+Requests the server cannot serve now get 503 (429 when the queue is full) with Retry-After.
 """
 
 from __future__ import annotations
@@ -12,20 +17,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
-import uuid
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 
 from attention_service.async_engine import Delta
-from attention_service.errors import RequestError
+from attention_service.errors import Overloaded, RequestError, Unavailable
 from attention_service.sampling_params import SamplingParams
 from cluster.api import chat
-from cluster.api.backend import Backend, close_quietly, getter, open_stream, room_left, token_text, usage
+from cluster.api.access import ApiKeys
+from cluster.api.backend import Backend, close_quietly, getter, open_stream
+from cluster.api.completion import CompletionReply
+from cluster.api.http_guard import HttpGuard
+from cluster.api.limits import check_unicode, default_max_tokens, limits_of
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +46,22 @@ _ONLY_DEFAULT = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "s
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", retry_after_s: float | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.retry_after_s = retry_after_s
+
+    @classmethod
+    def unavailable(cls, e: Unavailable) -> APIError:
+        """503 (429 for a full queue), telling the client when to try again."""
+        if isinstance(e, Overloaded):
+            return cls(429, e.message, code="rate_limit_exceeded", type="rate_limit_error",
+                       retry_after_s=e.retry_after_s)
+        return cls(503, e.message, code="service_unavailable", type="server_error", retry_after_s=e.retry_after_s)
+
+    def response(self) -> JSONResponse:
+        headers = None if self.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -93,10 +116,25 @@ def build_openai_app(backend: Backend | Callable[[], Backend]) -> FastAPI:
 
 
 def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
-    """Mount the routes, and the handlers that give every error OpenAI's body, on `app`."""
+    """Mount the gate, the routes, and the handlers that give every error OpenAI's body, on `app`."""
+    def policy():
+        b = get_backend()
+        return getattr(b, "api_keys", None) or ApiKeys(), limits_of(b)
+    app.add_middleware(HttpGuard, policy=policy)
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
+        # FastAPI's own 404 and 405, in the same body as every other error.
+        err = APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(_: Request, e: Unavailable) -> JSONResponse:
+        return APIError.unavailable(e).response()
 
     @app.exception_handler(RequestError)
     async def _refused(request: Request, e: RequestError) -> JSONResponse:
@@ -112,6 +150,15 @@ def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        b = get_backend()
+        try:
+            ok, detail = await b.ready() if hasattr(b, "ready") else (True, {})
+        except Exception as e:
+            ok, detail = False, {"error": f"{type(e).__name__}: {e}"}
+        return JSONResponse({"status": "ready" if ok else "not ready", **detail}, status_code=200 if ok else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -130,7 +177,8 @@ def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
             p = p[0]
         ids = b.tokenizer.encode(p) if isinstance(p, str) else list(p)
         params = _params(req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs)
-        return await _respond(request, b, req, ids, params, _CompletionReply(b, req))
+        reply = CompletionReply(b.model_name, b.tokenizer, req.logprobs is not None)
+        return await _respond(request, b, req, ids, params, reply)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -139,7 +187,8 @@ def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
         ids = chat.chat_prompt(b.tokenizer, req.messages, req.tools, req.tool_choice)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         lps = (req.top_logprobs or 0) if req.logprobs else None
-        params = _params(req, limit if limit is not None else room_left(b, ids), lps)
+        default = default_max_tokens(limits_of(b), b.max_model_len, ids)
+        params = _params(req, limit if limit is not None else default, lps)
         reply = chat.ChatReply(b.model_name, b.tokenizer, req.tools, req.tool_choice, req.logprobs)
         return await _respond(request, b, req, ids, params, reply)
 
@@ -150,8 +199,12 @@ _STARTED = int(time.time())
 async def _parse(request: Request, model: type[_Sampling], backend: Backend) -> Any:
     try:
         data = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:     # ValueError: bad JSON, bad UTF-8, an integer of 4300+ digits
+        raise APIError(400, f"request body is not valid JSON: {type(e).__name__}: {e}"[:400]) from None
+    try:
+        check_unicode(data)
+    except RequestError as e:
+        raise APIError(400, e.message, e.param) from None
     try:
         req = model.model_validate(data)
     except ValidationError as e:
@@ -186,10 +239,10 @@ def _refusal(e: RequestError, chat: bool) -> APIError:
 
 
 async def _respond(request: Request, b: Backend, req: _Sampling, ids: list[int], params: SamplingParams,
-                   reply: _CompletionReply | chat.ChatReply) -> Response:
+                   reply: CompletionReply | chat.ChatReply) -> Response:
     try:
         stream = await open_stream(b, ids, params)
-    except RequestError:
+    except (RequestError, Unavailable):
         raise
     except Exception as e:
         log.exception("generation failed to start")
@@ -203,6 +256,8 @@ async def _respond(request: Request, b: Backend, req: _Sampling, ids: list[int],
         return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(close))
     try:
         deltas = await _until_disconnect(request, _collect(stream))
+    except Unavailable:
+        raise
     except Exception as e:
         log.exception("generation failed")
         raise APIError(500, f"generation failed: {e}", type="server_error") from None
@@ -210,8 +265,16 @@ async def _respond(request: Request, b: Backend, req: _Sampling, ids: list[int],
         return Response(status_code=499)       # nobody is listening; the request was cancelled
     last = deltas[-1]
     if last.finish_reason == "error":
-        raise APIError(500, f"generation failed: {last.error}", type="server_error")
+        raise _failure(last, limits_of(b).retry_after_s)
     return JSONResponse(reply.whole(deltas))
+
+
+def _failure(last: Delta, retry_after_s: float) -> APIError:
+    """A request the engine ended with an error: 503 + Retry-After when only the experts'
+    absence failed it (sent again, it may succeed), else 500."""
+    if last.error_code == "unavailable":
+        return APIError.unavailable(Unavailable(f"generation failed: {last.error}", retry_after_s))
+    return APIError(500, f"generation failed: {last.error}", type="server_error")
 
 
 async def _collect(stream: AsyncIterator[Delta]) -> list[Delta]:
@@ -241,7 +304,7 @@ async def _until_disconnect(request: Request, coro) -> Any:
         watcher.cancel()
 
 
-async def _sse(stream: AsyncIterator[Delta], reply: _CompletionReply | chat.ChatReply,
+async def _sse(stream: AsyncIterator[Delta], reply: CompletionReply | chat.ChatReply,
                with_usage: bool) -> AsyncIterator[str]:
     def event(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -254,58 +317,18 @@ async def _sse(stream: AsyncIterator[Delta], reply: _CompletionReply | chat.Chat
             async for d in stream:
                 last = d
                 if d.finish_reason == "error":
-                    yield event(APIError(500, f"generation failed: {d.error}", type="server_error").body())
+                    yield event(_failure(d, 0).body())
                     break
                 for chunk in reply.chunks(d):
                     yield event(chunk)
             if with_usage and last is not None and last.finish_reason != "error":
                 yield event(reply.usage_chunk(last))
+        except Unavailable as e:   # the engine's replica went away mid-stream
+            log.warning("stream broken: %s", e)
+            yield event(APIError.unavailable(e).body())
         except Exception as e:     # a remote engine lost mid-stream: tell the client, then end cleanly
             log.exception("stream failed")
             yield event(APIError(500, f"generation failed: {e}", type="server_error").body())
         yield "data: [DONE]\n\n"
     finally:
         await close_quietly(stream)
-
-
-class _CompletionReply:
-    """The /v1/completions response, whole or as stream chunks."""
-
-    def __init__(self, b: Backend, req: CompletionRequest):
-        self.model, self.tok, self.want_logprobs = b.model_name, b.tokenizer, req.logprobs is not None
-        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        self.offset = 0          # text_offset of the next token, in characters of the completion
-
-    def envelope(self, choices: list, **extra) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, **extra}
-
-    def logprobs(self, ids: list[int], lps: list | None) -> dict | None:
-        if not self.want_logprobs or lps is None:
-            return None
-        toks = [token_text(self.tok, t) for t in ids]
-        offsets = []
-        for t in toks:
-            offsets.append(self.offset)
-            self.offset += len(t)
-        return {"tokens": toks, "token_logprobs": [lp for lp, _ in lps],
-                "top_logprobs": [{token_text(self.tok, i): v for i, v in alts} for _, alts in lps],
-                "text_offset": offsets}
-
-    def opening(self) -> list[dict]:
-        return []
-
-    def chunks(self, d: Delta) -> list[dict]:
-        lp = self.logprobs(d.token_ids, d.logprobs)
-        if not d.text and d.finish_reason is None and lp is None:
-            return []
-        return [self.envelope([{"index": 0, "text": d.text, "finish_reason": d.finish_reason, "logprobs": lp}])]
-
-    def usage_chunk(self, last: Delta) -> dict:
-        return self.envelope([], usage=usage(last))
-
-    def whole(self, deltas: list[Delta]) -> dict:
-        lp = self.logprobs([t for d in deltas for t in d.token_ids], [x for d in deltas for x in d.logprobs or []])
-        choice = {"index": 0, "text": "".join(d.text for d in deltas), "finish_reason": deltas[-1].finish_reason,
-                  "logprobs": lp}
-        return self.envelope([choice], usage=usage(deltas[-1]))

@@ -11,7 +11,7 @@ from typing import AsyncIterator, Callable
 from opentelemetry import trace
 
 from attention_service.async_engine import Delta
-from attention_service.errors import RequestError
+from attention_service.errors import Overloaded, RequestError, Unavailable
 from cluster.observe import telemetry
 
 
@@ -39,8 +39,11 @@ async def observed(open_stream: Callable[[dict], AsyncIterator[Delta]], prompt_t
                 outcome = delta.finish_reason
             yield delta
     except BaseException as e:
-        # Input refused before any work is the client's error, not the server's.
-        outcome = "rejected" if isinstance(e, RequestError) else "error" if isinstance(e, Exception) else "abort"
+        # Input refused before any work is the client's error, not the server's; a full queue
+        # and nothing to serve with are neither, and an operator wants them apart.
+        outcome = ("rejected" if isinstance(e, RequestError) else "overloaded" if isinstance(e, Overloaded)
+                   else "unavailable" if isinstance(e, Unavailable) else "error" if isinstance(e, Exception)
+                   else "abort")
         span.set_status(trace.StatusCode.ERROR, type(e).__name__)
         raise
     finally:

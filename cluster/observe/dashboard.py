@@ -49,6 +49,10 @@ class Panel:
     description: str = ""
 
 
+# Request outcomes that did not end in tokens: failed, refused as bad, shed (429), unserved (503).
+FAILED = "error|rejected|overloaded|unavailable"
+
+
 def _quantiles(metric: str, by: str = "") -> tuple[Query, ...]:
     keys = f"{by}, le" if by else "le"
     who = f"{{{{{by}}}}} " if by else ""
@@ -110,8 +114,8 @@ PANELS: tuple[Panel, ...] = (
           "short", REQUESTS, 8, page=True,
           description="Evictions: cached blocks reused for new work. Preemptions: sequences sent back to wait "
                       "(and recomputed) because the KV cache was full."),
-    Panel("errors", "Failed and rejected requests/s", "timeseries",
-          (Query(f'sum by (outcome) (rate(moe_serve_requests_total{{outcome=~"error|rejected"}}[{RATE}]))',
+    Panel("errors", "Failed, rejected, shed (429) and unserved (503) requests/s", "timeseries",
+          (Query(f'sum by (outcome) (rate(moe_serve_requests_total{{outcome=~"{FAILED}"}}[{RATE}]))',
                  "{{outcome}}"),), "reqps", REQUESTS, 12, page=True),
     Panel("outcomes", "Requests/s by outcome", "timeseries",
           (Query(f"sum by (outcome) (rate(moe_serve_requests_total[{RATE}]))", "{{outcome}}"),),

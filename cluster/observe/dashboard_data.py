@@ -201,7 +201,8 @@ def requests(w: Window) -> dict:
         "running": _sum([s.value for s in now.get("moe_serve_requests_running", ())]),
         "waiting": _sum([s.value for s in now.get("moe_serve_requests_waiting", ())]),
         "kv_usage": _mean(kv), "kv_usage_max": max(kv, default=None),
-        "errors": outcomes["error"] + outcomes["rejected"], "total": sum(outcomes.values()),
+        "errors": sum(outcomes.get(o, 0.0) for o in ("error", "rejected", "overloaded", "unavailable")),
+        "total": sum(outcomes.values()),
         "outcomes": dict(outcomes),
         # Over the window (since start on a first gather): prompt tokens served from the prefix cache.
         "prefix_hit_rate": grown["prefix_cache_hit_tokens"] / queried if queried else None,

@@ -53,6 +53,13 @@ class TelemetrySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics_port: int = 0
     # OTLP/gRPC collector for metrics and traces, e.g. http://otel-collector:4317; unset: none.
     otlp_endpoint: str | None = None
+    # TLS to the collector: unset follows the endpoint's scheme (https:// is TLS, http:// is not).
+    otlp_insecure: bool | None = None
+    # PEM files for TLS: the CA to verify the collector with (unset: the system's roots), and
+    # a client certificate and key where the collector demands one (mTLS).
+    otlp_ca_file: str | None = None
+    otlp_client_cert_file: str | None = None
+    otlp_client_key_file: str | None = None
     # Fraction of requests traced (parent-based: an expert RPC follows its request's choice).
     trace_sample_ratio: float = 0.01
     # Also write finished spans as JSON lines to <trace_dir>/spans-<pid>.jsonl (for debugging).
@@ -61,6 +68,24 @@ class TelemetrySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if not 0 <= self.trace_sample_ratio <= 1:
             raise ConfigError(f"trace_sample_ratio must be in [0, 1], got {self.trace_sample_ratio}")
+        if (self.otlp_client_cert_file is None) != (self.otlp_client_key_file is None):
+            raise ConfigError("otlp_client_cert_file and otlp_client_key_file go together")
+
+    def otlp_exporter_args(self) -> dict:
+        """endpoint, insecure and credentials for the OTLP/gRPC exporters."""
+        if self.otlp_insecure is True:
+            return {"endpoint": self.otlp_endpoint, "insecure": True}
+        if self.otlp_insecure is None and not (self.otlp_endpoint or "").startswith("https://"):
+            return {"endpoint": self.otlp_endpoint, "insecure": True}
+        import grpc
+
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+        return {"endpoint": self.otlp_endpoint, "insecure": False, "credentials": grpc.ssl_channel_credentials(
+            read(self.otlp_ca_file), read(self.otlp_client_key_file), read(self.otlp_client_cert_file))}
 
 
 class Telemetry:
@@ -79,10 +104,8 @@ class Telemetry:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
             from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-            readers.append(PeriodicExportingMetricReader(
-                OTLPMetricExporter(endpoint=spec.otlp_endpoint, insecure=True)))
-            self.tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=spec.otlp_endpoint,
-                                                                                        insecure=True)))
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(**spec.otlp_exporter_args())))
+            self.tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(**spec.otlp_exporter_args())))
         if spec.trace_dir:
             os.makedirs(spec.trace_dir, exist_ok=True)
             out = open(os.path.join(spec.trace_dir, f"spans-{os.getpid()}.jsonl"), "a", buffering=1)

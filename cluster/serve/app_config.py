@@ -18,9 +18,11 @@ import msgspec
 import yaml
 
 from attention_service.config import EngineConfig
+from cluster.api.limits import RequestLimits
 from cluster.observe.telemetry import TelemetrySpec
 from mixtral.checkpoint import EXPERT_DTYPES
 from mixtral.config import CACHE, ConfigError, preset
+from protos.shard_access import ShardTLS
 from router.dispatch import split_experts
 
 
@@ -119,8 +121,24 @@ class AttentionSpec(Resources, frozen=True, forbid_unknown_fields=True):
     replicas: int = 1
     # One engine batches every request its replica holds: size to the engine, not Serve's default of 5.
     max_ongoing_requests: int = 256
+    # Requests the front door holds for attention replicas once they all hold
+    # max_ongoing_requests (Serve's max_queued_requests); the next get 429 with Retry-After
+    # instead of a wait without bound.
+    max_queued_requests: int = 64
+    # How long a request waits for an expert group with no live replica to get one back
+    # (Serve replaces a dead replica in seconds) before it fails with 503 and Retry-After.
+    expert_wait_s: float = 30.0
+    # Deadline of one expert RPC; a replica that misses it is set aside and its rows go to
+    # another replica of the group (a hung shard costs this long once).
+    expert_timeout_s: float = 30.0
     engine: EngineConfig = EngineConfig()
     prefix_routing: PrefixRouting = PrefixRouting()
+
+    def __post_init__(self) -> None:
+        if self.max_queued_requests < 0:
+            raise ConfigError(f"attention.max_queued_requests must not be negative, got {self.max_queued_requests}")
+        if not (self.expert_wait_s >= 0 and self.expert_timeout_s > 0):
+            raise ConfigError("attention.expert_wait_s must be >= 0 and expert_timeout_s > 0")
 
 
 class GroupSpec(Resources, frozen=True, forbid_unknown_fields=True):
@@ -153,6 +171,16 @@ class AppConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     attention: AttentionSpec = AttentionSpec()
     autoscaling: AutoscalingSpec = AutoscalingSpec()
     telemetry: TelemetrySpec = TelemetrySpec()
+    # Keys for the front door: HTTP `Authorization: Bearer KEY`, gRPC `authorization`
+    # metadata. MOE_SERVE_API_KEY (comma-separated) adds to them and keeps them out of the
+    # config, which Serve shows to anyone who can read its status. Required when
+    # http_host is not a loopback address.
+    api_keys: list[str] = []
+    # What one request may ask: body size, default max_tokens, stop conditions, Retry-After.
+    limits: RequestLimits = RequestLimits()
+    # TLS between attention and expert shards (mTLS by default): PEM files on every node.
+    # Unset: plaintext, though shards still take calls only with the app's own token.
+    expert_tls: ShardTLS | None = None
 
     def __post_init__(self) -> None:
         if self.expert_dtype not in ("auto", *EXPERT_DTYPES):

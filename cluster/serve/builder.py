@@ -15,7 +15,9 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from cluster.api.access import ApiKeys, require_keys
 from cluster.observe.names import ATTENTION, FRONTEND, GROUP_PREFIX
+from cluster.serve import proxy_setup
 from cluster.serve.app_config import (
     AppConfig,
     AttentionSpec,
@@ -28,8 +30,9 @@ from cluster.serve.app_config import (
 from cluster.serve.deployments import Attention, ExpertGroup
 from cluster.serve.frontend import Frontend
 from mixtral.checkpoint import Checkpoint
+from protos.shard_access import message_bytes_for
 
-GRPC_SERVICERS = ["protos.generation_pb2_grpc.add_GenerationServicer_to_server"]
+GRPC_SERVICERS = ["cluster.api.grpc_register.add_generation_servicer"]
 POLICY = "cluster.serve.autoscale_policy:AppPolicy"
 PREFIX_ROUTER = "cluster.serve.prefix_router:PrefixAffinityRouter"
 # Serve's throughput settings (its performance guide's; Ray 2.60 still defaults to 1): user
@@ -44,14 +47,22 @@ SERVE_FLAGS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN
 # Helm chart for every pod). Ray starts its workers at nice 15, below its own processes and
 # anything else on the machine; here the workers are the server's data path (each token
 # crosses the Attention and expert processes several times per step), so they run at the
-# ordinary priority (docs/benchmarks.md, served through Ray Serve).
-RAY_ENV = {**SERVE_FLAGS, "RAY_worker_niceness": "0"}
+# ordinary priority (docs/benchmarks.md, served through Ray Serve). Every proxy runs
+# cluster/serve/proxy_setup.py as it starts: the gRPC front door binds the app's host.
+RAY_ENV = {**SERVE_FLAGS, "RAY_worker_niceness": "0",
+           "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": proxy_setup.CALLBACK}
+GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"       # the gRPC proxy's message cap
 
 
-def set_ray_env() -> None:
-    """Before a local Ray starts: RAY_ENV for every process it starts, unless already set."""
+def set_ray_env(cfg: AppConfig | None = None) -> None:
+    """Before a local Ray starts: RAY_ENV for every process it starts, unless already set;
+    and from the app's config, the host the gRPC proxy binds (http_host) and the largest
+    message it takes (limits.max_body_bytes, as for an HTTP body; Serve's default is 2 GiB)."""
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
+    if cfg is not None:
+        os.environ[proxy_setup.GRPC_HOST_ENV] = cfg.http_host
+        os.environ[GRPC_MAX_MESSAGE_ENV] = str(cfg.limits.max_body_bytes)
 
 
 def _actor_options(r: Resources | None = None) -> dict:
@@ -85,28 +96,39 @@ def _routing(a: AttentionSpec) -> dict:
 
 
 def build_app(cfg: AppConfig, model: str) -> Application:
+    """The app; ConfigError where the config cannot serve (no API key beyond loopback, say)."""
     mc = Checkpoint(model).config
     groups = resolve_groups(cfg, mc.num_local_experts)
+    keys = ApiKeys.resolve(cfg.api_keys)
+    require_keys(cfg.http_host, keys)
     directory = f"{cfg.name}-endpoints"
     telemetry = cfg.telemetry
+    a, s = cfg.attention, cfg.autoscaling.attention
+    # Both ends of an expert RPC cap messages at what the largest step can send.
+    wire = {"tls": cfg.expert_tls, "max_message_bytes": message_bytes_for(
+        mc.hidden_size, a.engine.max_batched_tokens, mc.num_experts_per_tok)}
     experts = []
     for g, spec in enumerate(groups):
-        s = group_scaling(cfg, spec)
+        gs = group_scaling(cfg, spec)
         experts.append(serve.deployment(
             ExpertGroup, name=f"{GROUP_PREFIX}{g}", max_ongoing_requests=spec.max_ongoing_requests,
             ray_actor_options=_actor_options(spec), graceful_shutdown_timeout_s=30, health_check_period_s=5,
-            **_replicas(cfg, spec.replicas, s.min_replicas, s.max_replicas),
-        ).bind(model, g, spec, cfg.expert_device, cfg.expert_dtype, directory, telemetry))
-    a, s = cfg.attention, cfg.autoscaling.attention
+            **_replicas(cfg, spec.replicas, gs.min_replicas, gs.max_replicas),
+        ).bind(model, g, spec, cfg.expert_device, cfg.expert_dtype, directory, telemetry, **wire))
     attention = serve.deployment(
         Attention, name=ATTENTION, max_ongoing_requests=a.max_ongoing_requests,
-        ray_actor_options=_actor_options(a), graceful_shutdown_timeout_s=60,
-        **_replicas(cfg, a.replicas, s.min_replicas, s.max_replicas), **_routing(a),
-    ).bind(model, a.engine, groups, directory, telemetry, experts)
+        max_queued_requests=a.max_queued_requests, ray_actor_options=_actor_options(a),
+        graceful_shutdown_timeout_s=60, **_replicas(cfg, a.replicas, s.min_replicas, s.max_replicas),
+        **_routing(a),
+    ).bind(model, a.engine, groups, directory, telemetry, experts, expert_wait_s=a.expert_wait_s,
+           expert_timeout_s=a.expert_timeout_s, **wire)
     max_len = a.engine.max_model_len_for(mc)
+    # The proxies' own queue for the front door: past it they answer 429 + Retry-After themselves.
     return serve.deployment(Frontend, name=FRONTEND, num_replicas=1, max_ongoing_requests=1000,
-                            ray_actor_options=_actor_options()).bind(
-        attention, model, cfg.model_name or model.rstrip("/").split("/")[-1], max_len, directory, telemetry)
+                            max_queued_requests=1000, ray_actor_options=_actor_options(),
+                            backpressure_config={"status_code": 429, "retry_after_s": cfg.limits.retry_after_s}
+                            ).bind(attention, model, cfg.model_name or model.rstrip("/").split("/")[-1], max_len,
+                                   directory, telemetry, keys, cfg.limits)
 
 
 def serve_options(cfg: AppConfig) -> dict:

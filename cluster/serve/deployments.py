@@ -4,12 +4,16 @@
     Attention --gRPC ExpertShard--> ExpertGroup-0 .. ExpertGroup-(G-1)
 
 Each ExpertGroup replica runs an ExpertShard gRPC server on a free port and registers it
-with the endpoint directory; Attention replicas follow the directory. The deployment
-options (replicas, GPUs, resources) are bound in cluster/serve/builder.py, nowhere else.
+with the endpoint directory; Attention replicas follow the directory, and beat to it every
+second with the expert replicas they reach (the front door's /ready). Both take the app's
+shard token from the directory: shards demand it, attention replicas present it. The
+deployment options (replicas, GPUs, resources) are bound in cluster/serve/builder.py,
+nowhere else.
 """
 
 import asyncio
 import logging
+import threading
 import time
 
 import ray
@@ -27,6 +31,8 @@ from cluster.serve.app_config import GroupSpec
 from cluster.serve.directory import get_directory
 from expert_service.server import serve as serve_shard
 from mixtral.checkpoint import Checkpoint
+from protos.channel import DEFAULT_MAX_MESSAGE_BYTES
+from protos.shard_access import ShardAccess, ShardTLS
 from router.dispatch import Placement, group_pairs
 
 log = logging.getLogger("ray.serve")
@@ -57,16 +63,19 @@ class ExpertGroup:
     """One replica of an expert group: an ExpertShard gRPC server, registered in the directory."""
 
     async def __init__(self, model: str, group: int, spec: GroupSpec, device: str, dtype: str, directory: str,
-                       telemetry_spec: TelemetrySpec = TelemetrySpec()):
+                       telemetry_spec: TelemetrySpec = TelemetrySpec(), tls: ShardTLS | None = None,
+                       max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         host = ray.util.get_node_ip_address()
         self.telemetry = _telemetry("experts", telemetry_spec, host)
+        self.directory = get_directory(directory)
+        access = ShardAccess(await self.directory.shard_token.remote(), tls, max_message_bytes)
         self.shard, port = await serve_shard(model, spec.experts, spec.layers, port=0, host=host, device=device,
-                                             dtype=dtype, shard_id=f"g{group}", group=group)
+                                             dtype=dtype, shard_id=f"g{group}", group=group,
+                                             max_message_bytes=max_message_bytes, access=access)
         self.group, self.address = group, f"{host}:{port}"
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.telemetry.busy_sources.add(self.shard.servicer)
         self.busy = _Busy(self.shard.servicer)
-        self.directory = get_directory(directory)
         await self._register()
         self._renew = asyncio.get_running_loop().create_task(self._keep_registered())
 
@@ -109,7 +118,8 @@ class Attention:
 
     async def __init__(self, model: str, cfg: EngineConfig, groups: list[GroupSpec], directory: str,
                        telemetry_spec: TelemetrySpec = TelemetrySpec(), experts: list | None = None,
-                       wait_for_experts_s: float = 300.0):
+                       wait_for_experts_s: float = 300.0, expert_wait_s: float = 30.0, expert_timeout_s: float = 30.0,
+                       tls: ShardTLS | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         # `experts` are the ExpertGroup deployments' handles: bound here so that Serve deploys
         # them with the app; the data path reaches them over gRPC, not through Serve.
         ckpt = Checkpoint(model)
@@ -120,9 +130,11 @@ class Attention:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.directory = get_directory(directory)
         version, addresses = await self._wait_for_experts(len(groups), wait_for_experts_s)
-        self.transport = GrpcTransport([addresses.get(g, []) for g in range(len(groups))], wire_dtype=cfg.wire_dtype)
+        access = ShardAccess(await self.directory.shard_token.remote(), tls, max_message_bytes)
+        self.transport = GrpcTransport([addresses.get(g, []) for g in range(len(groups))], timeout=expert_timeout_s,
+                                       wire_dtype=cfg.wire_dtype, access=access)
         engine, tokenizer = open_engine(ckpt, cfg, self.transport, placement)
-        self.engine = AsyncEngine(engine, tokenizer)
+        self.engine = AsyncEngine(engine, tokenizer, expert_wait_s=expert_wait_s)
         self.routing = engine.routing
         self.telemetry.routing_sources.add(self.routing)
         self.telemetry.engine_sources.add(engine)
@@ -131,6 +143,21 @@ class Attention:
         loop = asyncio.get_running_loop()
         self._follow = loop.create_task(self._follow_directory(version, len(groups)))
         self._report = loop.create_task(self._report_load(len(groups)))
+        # The heartbeat has a thread of its own: a long step holds the event loop, but this
+        # replica is alive all the same. It stops only with the process (or __del__).
+        self._stop_beating = threading.Event()
+        threading.Thread(target=self._beat, args=(len(groups),), daemon=True, name="attention-beat").start()
+
+    def _beat(self, num_groups: int) -> None:
+        """Every second: "alive, and reaching these expert replicas" to the directory (the
+        front door's readiness, and how it knows at once that no attention replica is left)."""
+        while not self._stop_beating.is_set():
+            try:
+                self.directory.attention_beat.remote(self.replica, [len(self.transport.live(g))
+                                                                    for g in range(num_groups)])
+            except Exception:
+                log.warning("attention replica %s: directory unreachable", self.replica)
+            self._stop_beating.wait(1.0)
 
     async def _wait_for_experts(self, num_groups: int, timeout: float):
         deadline = time.monotonic() + timeout
@@ -186,6 +213,13 @@ class Attention:
         ctx = telemetry.extract(trace) if trace else None
         async for delta in self.engine.generate(prompt_ids, params, ctx):
             yield delta
+
+    async def __del__(self):
+        """Leave the directory at once: the front door stops sending here before the lease runs out."""
+        self._stop_beating.set()
+        self._report.cancel()
+        self._follow.cancel()
+        await self.directory.attention_gone.remote(self.replica)
 
     def load(self) -> dict:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting,

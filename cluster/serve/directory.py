@@ -7,9 +7,19 @@ that died without a word is forgotten within seconds. Attention replicas long-po
 
 It also lists where every process serves its Prometheus /metrics (same leases), for the
 front door to gather, and keeps the autoscaling policy's last decisions for telemetry.
+
+Readiness: every attention replica beats once a second with the expert groups it can
+reach; `readiness` says which replicas beat lately and what they see, which is what the
+front door's /ready reports and how it knows, within seconds, that no attention replica
+is left to take a request.
+
+The app's shard token: made by whichever replica creates the directory, kept as the
+actor's creation argument (so a restarted directory has the same one), and handed to
+every replica that asks. Expert shards demand it; attention replicas present it.
 """
 
 import asyncio
+import secrets
 import time
 
 import ray
@@ -19,8 +29,10 @@ NAMESPACE = "moe-serve"
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class EndpointDirectory:
-    def __init__(self, ttl: float = 5.0):
+    def __init__(self, ttl: float = 5.0, token: str | None = None):
         self.ttl = ttl
+        self._token = token or secrets.token_urlsafe(32)
+        self.attention: dict[str, tuple[list[int], float]] = {}     # replica -> (live replicas per group, at)
         self.entries: dict[str, tuple[int, str, float]] = {}    # replica id -> (group, address, renewed at)
         self.metrics: dict[str, tuple[str, float]] = {}     # process -> (/metrics URL, renewed at)
         self.scaling_report: dict[str, dict] = {}            # deployment -> the policy's last word
@@ -63,6 +75,26 @@ class EndpointDirectory:
     async def metrics_targets(self) -> dict[str, str]:
         return {p: url for p, (url, _) in self.metrics.items()}
 
+    async def shard_token(self) -> str:
+        return self._token
+
+    async def attention_beat(self, replica: str, live: list[int]) -> None:
+        """An attention replica is up and reaches live[g] replicas of expert group g."""
+        self.attention[replica] = (list(live), time.monotonic())
+
+    async def attention_gone(self, replica: str) -> None:
+        self.attention.pop(replica, None)
+
+    async def readiness(self) -> dict:
+        """{"attention": {replica: [live replicas per group]}, "groups": {group: registered replicas}},
+        counting only those heard from within the lease."""
+        now = time.monotonic()
+        groups: dict[int, int] = {}
+        for group, _, _ in self.entries.values():
+            groups[group] = groups.get(group, 0) + 1
+        return {"attention": {r: live for r, (live, t) in self.attention.items() if now - t <= self.ttl},
+                "groups": groups}
+
     async def set_scaling(self, report: dict[str, dict]) -> None:
         self.scaling_report = report
 
@@ -80,9 +112,12 @@ class EndpointDirectory:
                 self._bump()
             for p in [p for p, (_, t) in self.metrics.items() if now - t > self.ttl]:
                 del self.metrics[p]
+            for r in [r for r, (_, t) in self.attention.items() if now - t > self.ttl]:
+                del self.attention[r]
 
 
 def get_directory(name: str):
-    """The app's directory actor, created by whichever replica asks first."""
+    """The app's directory actor, created by whichever replica asks first (with a fresh token;
+    later callers get the existing actor, and its token)."""
     return EndpointDirectory.options(name=name, namespace=NAMESPACE, get_if_exists=True,
-                                     lifetime="detached").remote()
+                                     lifetime="detached").remote(token=secrets.token_urlsafe(32))

@@ -104,6 +104,7 @@ def cmd_up(a: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
+    from cluster.api.access import ApiKeys
     from cluster.serve import app_config
     from cluster.serve.builder import build_app, deploy, set_ray_env
     from mixtral.config import ConfigError
@@ -117,7 +118,7 @@ def cmd_up(a: argparse.Namespace) -> None:
     if a.address:
         ray.init(address=a.address, namespace="moe-serve", log_to_driver=a.verbose)
     else:
-        set_ray_env()
+        set_ray_env(cfg)
         # A local cluster on loopback; logical CPUs beyond the cores let every deployment
         # place a replica on a small machine (they are bookkeeping, not pinning).
         ray.init(_node_ip_address="127.0.0.1", num_cpus=max(16, os.cpu_count() or 1), include_dashboard=False,
@@ -130,14 +131,22 @@ def cmd_up(a: argparse.Namespace) -> None:
         ray.shutdown()
         sys.exit(f"moe-serve up: {e}")
     host = "127.0.0.1" if cfg.http_host in ("0.0.0.0", "::") else cfg.http_host
-    print(f"""
-moe-serve is up.
-  OpenAI HTTP   http://{host}:{cfg.http_port}/v1   (model: see GET /v1/models)
-  gRPC          {host}:{cfg.grpc_port}   service moe_serve.generation.v1.Generation, metadata application={cfg.name}
-  dashboard     http://{host}:{cfg.http_port}/dashboard   metrics http://{host}:{cfg.http_port}/metrics
-  try           curl http://{host}:{cfg.http_port}/v1/completions -H 'Content-Type: application/json' \
-                  -d '{{"model": "{app_name(cfg, model)}", "prompt": "Hello", "max_tokens": 16}}'
-Ctrl-C or `moe-serve down` stops it.""", flush=True)
+    keyed = ApiKeys.resolve(cfg.api_keys).enabled
+    base = f"http://{host}:{cfg.http_port}"
+    lines = [
+        "", "moe-serve is up.",
+        f"  OpenAI HTTP   {base}/v1   (model: see GET /v1/models)",
+        f"  gRPC          {host}:{cfg.grpc_port}   service moe_serve.generation.v1.Generation, "
+        f"metadata application={cfg.name}",
+        f"  health        {base}/health (alive)   {base}/ready (serving: attention reaches every expert group)",
+        f"  dashboard     {base}/dashboard{'#key=KEY' if keyed else ''}   metrics {base}/metrics",
+        f"  try           curl {base}/v1/completions -H 'Content-Type: application/json'"
+        + (" -H 'Authorization: Bearer KEY'" if keyed else "") + " \\",
+        f"""                  -d '{{"model": "{app_name(cfg, model)}", "prompt": "Hello", "max_tokens": 16}}'""",
+    ]
+    if keyed:
+        lines.append("  API key       required (MOE_SERVE_API_KEY, api_keys); gRPC metadata authorization=Bearer KEY")
+    print("\n".join(lines + ["Ctrl-C or `moe-serve down` stops it."]), flush=True)
     if a.detach:
         return
     stop = False
@@ -252,7 +261,8 @@ def parser() -> argparse.ArgumentParser:
                        description="Start a local Ray cluster (or join one with --address), deploy the attention "
                                    "and expert-group deployments and the front door, and print where to call it. "
                                    "With no config it serves the embedded tiny model: 1 attention replica, 2 expert "
-                                   "groups, on CPU.")
+                                   "groups, on CPU, on 127.0.0.1. Listening beyond loopback (http_host) needs an API "
+                                   "key: MOE_SERVE_API_KEY=... in the environment, or api_keys in the config.")
     u.add_argument("--config", help="YAML app config (see README: configuration)")
     u.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     u.add_argument("--detach", action="store_true", help="return once deployed (with --address: leave it running)")

@@ -194,16 +194,9 @@ def add_arguments(q) -> None:
     f.add_argument("--forecast-context", type=_ints, help="context lengths (default: the plan's --context)")
     f.add_argument("--micro-batches", type=_ints, default=[1, 2], help="ping-pong settings (default: 1,2)")
     f.add_argument("--wire-dtype", choices=["model", "fp8"], default="model", help="rows on the wire (default: model)")
-    f.add_argument("--expert-replicas", type=int, metavar="N",
-                   help="forecast with N replicas of every expert group (default: the plan's starting count)")
 
 
 def describe(mc: ModelConfig, plan, a) -> str:
-    if a.expert_replicas:
-        if a.expert_replicas < 1:
-            raise ValueError(f"--expert-replicas must be at least 1, got {a.expert_replicas}")
-        plan = msgspec.structs.replace(plan, groups=tuple(msgspec.structs.replace(g, replicas=a.expert_replicas)
-                                                          for g in plan.groups))
     kind = a.gpu or ("h200" if plan.gpu_bytes >= 120 * (1 << 30) else "h100")
     gpu = gpu_spec(kind, a.gpu_json, a.matmul_tflops, a.hbm_gbps)
     nets = [Network(g, a.net_latency_us, a.rpc_overhead_us) for g in a.net_gbps]

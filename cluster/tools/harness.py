@@ -33,7 +33,7 @@ def running_app(model, address: str | None = None, **config):
     if address:
         ray.init(address=address, namespace="moe-serve", _node_ip_address="127.0.0.1", log_to_driver=False)
     else:
-        set_ray_env()
+        set_ray_env(cfg)
         ray.init(_node_ip_address="127.0.0.1", num_cpus=16, include_dashboard=False, namespace="moe-serve",
                  log_to_driver=False)
     try:

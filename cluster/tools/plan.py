@@ -8,6 +8,11 @@ does not fit, one expert over a range of layers). Sizes come from `ModelConfig`'
 parameter counts, so the planner and the published Mixtral sizes agree by construction; the tests hold
 them to those figures. `headroom` is the share of each GPU left out of the plan: the CUDA
 context, activations and allocator slack live there.
+
+Expert groups get two replicas each by default: every token passes through every group, so
+a group with one replica stalls the whole model while Serve replaces it (tens of seconds
+for a large model's weights), and with two the other replica takes its rows at once.
+`--expert-replicas 1` trades that for fewer GPUs.
 """
 
 from __future__ import annotations
@@ -115,8 +120,8 @@ def _deal(items: list[int], parts: int) -> list[list[int]]:
 
 def make_plan(mc: ModelConfig, *, gpu_bytes: int, context: int, concurrency: int, dtype: str = "bfloat16",
               headroom: float = 0.1, attention_replicas: int | None = None, experts_per_gpu: int | None = None,
-              max_expert_replicas: int = 2, block_size: int = 16, model: str = "model",
-              expert_dtype: str | None = None) -> Plan:
+              max_expert_replicas: int = 4, block_size: int = 16, model: str = "model",
+              expert_dtype: str | None = None, expert_replicas: int = 2) -> Plan:
     if dtype not in DTYPE_BYTES:
         raise PlanError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     expert_dtype = expert_dtype or dtype
@@ -126,7 +131,11 @@ def make_plan(mc: ModelConfig, *, gpu_bytes: int, context: int, concurrency: int
         raise PlanError(f"headroom must be in [0, 1), got {headroom}")
     if not 1 <= context <= mc.max_position_embeddings:
         raise PlanError(f"context must be in [1, {mc.max_position_embeddings}] (the model's), got {context}")
+    if max_expert_replicas < expert_replicas:
+        raise PlanError(f"max expert replicas ({max_expert_replicas}) must be at least the expert replicas "
+                        f"({expert_replicas})")
     for name, v in (("concurrency", concurrency), ("max expert replicas", max_expert_replicas),
+                    ("expert replicas", expert_replicas),
                     ("attention replicas", attention_replicas or 1), ("experts per GPU", experts_per_gpu or 1)):
         if v < 1:
             raise PlanError(f"{name} must be at least 1, got {v}")
@@ -168,7 +177,7 @@ def make_plan(mc: ModelConfig, *, gpu_bytes: int, context: int, concurrency: int
         ranges = _deal(list(range(L)), math.ceil(L / per_slice))
         parts = [((e,), tuple(r)) for e in range(E) for r in ranges]
     groups = tuple(GroupPlan(experts=es, layers=ls, weight_bytes=layer_bytes * len(es) * (len(ls) if ls else L),
-                             replicas=1, max_replicas=max_expert_replicas) for es, ls in parts)
+                             replicas=expert_replicas, max_replicas=max_expert_replicas) for es, ls in parts)
     return Plan(model=model, dtype=dtype, num_layers=L, num_experts=E, gpu_bytes=gpu_bytes, headroom=headroom,
                 context=context, concurrency=concurrency, block_size=block_size,
                 attention_replicas=attention_replicas or needed, attention_replicas_needed=needed,
@@ -213,16 +222,21 @@ def describe(p: Plan) -> str:
         f"{gib(p.kv_cache_bytes)} KV cache = {p.kv_tokens} tokens, {_n(p.kv_sequences, 'sequence')} of {p.context}",
         f"KV capacity  {p.kv_capacity_tokens} tokens, {_n(p.kv_sequences * p.attention_replicas, 'sequence')} of "
         f"{p.context} (need {p.concurrency})",
-        f"experts      {_n(len(p.groups), 'group')}, 1 GPU per replica, starting at 1 replica, up to "
-        f"{p.groups[0].max_replicas} each:",
+        f"experts      {_n(len(p.groups), 'group')}, 1 GPU per replica, at least "
+        f"{_n(p.groups[0].replicas, 'replica')}, up to {p.groups[0].max_replicas} each:",
     ]
     for i, g in enumerate(p.groups):
         lines.append(f"  group {i:<4} experts {','.join(map(str, g.experts)):<10} {span(g.layers):<14} "
                      f"{gib(g.weight_bytes)}")
     biggest = max(g.weight_bytes for g in p.groups)
+    lines.append("replicas     " + (
+        f"{p.groups[0].replicas} replicas per group: every token passes through every group, so losing "
+        "a group's only replica would stall every request until Serve replaces it" if p.groups[0].replicas > 1
+        else "1 replica per group: losing one stalls every request until Serve replaces it "
+             "(--expert-replicas 2 avoids that)"))
     lines += [
-        f"GPUs         {p.gpus} to start ({p.attention_replicas} attention + {len(p.groups)} experts), "
-        f"{p.max_gpus} with every group at its max",
+        f"GPUs         {p.gpus} to start ({p.attention_replicas} attention + "
+        f"{sum(g.replicas for g in p.groups)} experts), {p.max_gpus} with every group at its max",
         f"per GPU      attention {gib(p.attention_gpu_bytes)}, experts up to {gib(biggest)} "
         f"(of {gib(p.gpu_bytes)}; planned at most {gib(p.budget_bytes)})",
     ]
@@ -251,7 +265,7 @@ def chart_values(p: Plan) -> dict:
     return {
         "workers": {
             "attention": workers(p.attention_replicas, p.attention_replicas, p.attention_weight_bytes),
-            "experts": workers(len(p.groups), sum(g.max_replicas for g in p.groups),
+            "experts": workers(sum(g.replicas for g in p.groups), sum(g.max_replicas for g in p.groups),
                                max(g.weight_bytes for g in p.groups)),
         },
         "serve": {"config": {
@@ -262,8 +276,10 @@ def chart_values(p: Plan) -> dict:
                           "engine": {"device": "cuda", "dtype": p.dtype, "block_size": p.block_size,
                                      "kv_cache_bytes": p.kv_cache_bytes, "max_model_len": p.context}},
             # Attention is sized by KV cache, not load: the policy keeps it where the plan put it.
+            # Experts never scale below the replicas that let one fail without stalling the model.
             "autoscaling": {"attention": {"min_replicas": p.attention_replicas, "max_replicas": p.attention_replicas},
-                            "experts": {"min_replicas": 1, "max_replicas": p.groups[0].max_replicas}},
+                            "experts": {"min_replicas": p.groups[0].replicas,
+                                        "max_replicas": p.groups[0].max_replicas}},
         }},
     }
 
@@ -290,8 +306,12 @@ def add_parser(sub) -> None:
     q.add_argument("--attention-replicas", type=int, help="fix the count (default: as many as the KV cache needs)")
     q.add_argument("--experts-per-gpu", type=int,
                    help="fewer than fit, for finer-grained scaling (default: as many as fit)")
-    q.add_argument("--max-expert-replicas", type=int, default=2,
-                   help="replicas each expert group may scale to; sizes the experts worker group (default: 2)")
+    q.add_argument("--expert-replicas", type=int, default=2,
+                   help="replicas each expert group keeps at least: with 2, one can fail and the other takes its "
+                        "rows at once (every token passes through every group); 1 saves GPUs but stalls every "
+                        "request while a lost replica is replaced (default: 2)")
+    q.add_argument("--max-expert-replicas", type=int, default=4,
+                   help="replicas each expert group may scale to; sizes the experts worker group (default: 4)")
     q.add_argument("--values-out", metavar="FILE", help="write the plan as helm/moe-serve values (- for stdout)")
     q.add_argument("--json", action="store_true", help="print the plan as JSON")
     forecast.add_arguments(q)
@@ -311,7 +331,7 @@ def cmd_plan(a) -> None:
                       concurrency=a.concurrency, dtype=a.dtype, headroom=a.headroom,
                       attention_replicas=a.attention_replicas, experts_per_gpu=a.experts_per_gpu,
                       max_expert_replicas=a.max_expert_replicas, model=a.preset or a.model.rstrip("/"),
-                      expert_dtype=a.expert_dtype)
+                      expert_dtype=a.expert_dtype, expert_replicas=a.expert_replicas)
     except (PlanError, ConfigError) as e:
         sys.exit(f"moe-serve plan: {e}")
     if a.values_out:

@@ -41,14 +41,29 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/* The application's args: serve.config as given, with `model` pointing at the mounted
-checkpoint unless the config names one itself. */}}
+checkpoint and `expert_tls` at the mounted expertTLS Secret, unless the config sets them itself. */}}
 {{- define "moe-serve.args" -}}
 {{- $args := deepCopy .Values.serve.config }}
 {{- $dir := include "moe-serve.modelDir" . }}
 {{- if and $dir (not (hasKey $args "model")) }}
 {{- $_ := set $args "model" $dir }}
 {{- end }}
+{{- with .Values.expertTLS }}
+{{- if and .secretName (not (hasKey $args "expert_tls")) }}
+{{- $tls := dict "ca_file" (printf "%s/ca.crt" .mountPath) "cert_file" (printf "%s/tls.crt" .mountPath)
+      "key_file" (printf "%s/tls.key" .mountPath) "mutual" .mutual }}
+{{- if .serverName }}{{ $_ := set $tls "server_name" .serverName }}{{ end }}
+{{- $_ := set $args "expert_tls" $tls }}
+{{- end }}
+{{- end }}
 {{- toYaml $args }}
+{{- end }}
+
+{{/* The Secret holding the front door's API key: an existing one, the chart's own, or none. */}}
+{{- define "moe-serve.apiKeySecret" -}}
+{{- if .Values.apiKey.existingSecret }}{{ .Values.apiKey.existingSecret }}
+{{- else if .Values.apiKey.create }}{{ include "moe-serve.fullname" . }}-api-key
+{{- end }}
 {{- end }}
 
 {{/* What clients put in "model": the config's model_name, else the checkpoint folder's name. */}}
@@ -77,7 +92,7 @@ policy gets the app's config as its constructor argument. */}}
       "policy_kwargs" (dict "config" $args)) }}
 {{- end }}
 {{- $grpc := dict "port" .Values.ports.grpc
-      "grpc_servicer_functions" (list "protos.generation_pb2_grpc.add_GenerationServicer_to_server") }}
+      "grpc_servicer_functions" (list "cluster.api.grpc_register.add_generation_servicer") }}
 {{- toYaml (dict "http_options" (dict "host" "0.0.0.0" "port" .Values.ports.http)
                  "grpc_options" $grpc "applications" (list $app)) }}
 {{- end }}
@@ -93,6 +108,10 @@ resource its worker group does not offer, or more GPUs at start than the group c
 Serve would otherwise wait for them forever. */}}
 {{- define "moe-serve.checks" -}}
 {{- $cfg := .Values.serve.config }}
+{{- /* The proxies listen on every interface of the pod: the app refuses to start without a key. */}}
+{{- if not (or (include "moe-serve.apiKeySecret" .) $cfg.api_keys) }}
+{{- fail "the front door listens beyond loopback and needs an API key: keep apiKey.create, set apiKey.existingSecret, or serve.config.api_keys" }}
+{{- end }}
 {{- /* The proxies listen on ports.*, which the Services and probes use too; a different
 port in serve.config would be silently ignored. */}}
 {{- range $key, $port := dict "http_port" .Values.ports.http "grpc_port" .Values.ports.grpc }}

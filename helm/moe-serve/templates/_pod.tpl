@@ -55,6 +55,15 @@ spec:
         - {name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, value: "0"}
         - {name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP, value: "0"}
         - {name: RAY_worker_niceness, value: "0"}
+        - {name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, value: "cluster.serve.proxy_setup:setup"}
+        # The gRPC proxy takes messages as large as an HTTP body may be (Serve's default is 2 GiB).
+        - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+          value: {{ dig "limits" "max_body_bytes" 4194304 $v.serve.config | int | quote }}
+        {{- with include "moe-serve.apiKeySecret" $root }}
+        # The front door's API key; read where the Frontend replica runs, which may be any pod.
+        - name: MOE_SERVE_API_KEY
+          valueFrom: {secretKeyRef: {name: {{ . }}, key: {{ $v.apiKey.secretKey }}}}
+        {{- end }}
         {{- with $v.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -81,10 +90,32 @@ spec:
       resources:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+      {{- if not $head }}
+      {{- with $v.probes }}
+      {{- if .startup.enabled }}
+      startupProbe:
+        httpGet: {path: /health, port: serve}
+        {{- toYaml (omit .startup "enabled") | nindent 8 }}
+      {{- end }}
+      {{- if .liveness.enabled }}
+      livenessProbe:
+        httpGet: {path: /health, port: serve}
+        {{- toYaml (omit .liveness "enabled") | nindent 8 }}
+      {{- end }}
+      {{- if .readiness.enabled }}
+      readinessProbe:
+        httpGet: {path: /ready, port: serve}
+        {{- toYaml (omit .readiness "enabled") | nindent 8 }}
+      {{- end }}
+      {{- end }}
+      {{- end }}
       volumeMounts:
         - {name: dshm, mountPath: /dev/shm}
         {{- if $dir }}
         - {name: model, mountPath: {{ $v.model.mountPath | quote }}, readOnly: true}
+        {{- end }}
+        {{- if $v.expertTLS.secretName }}
+        - {name: expert-tls, mountPath: {{ $v.expertTLS.mountPath | quote }}, readOnly: true}
         {{- end }}
   volumes:
     # Ray's object store lives in shared memory; the container default of 64 MiB is far too small.
@@ -96,6 +127,10 @@ spec:
     {{- else if $v.model.uri }}
     - name: model
       emptyDir: {{ if $v.model.download.sizeLimit }}{sizeLimit: {{ $v.model.download.sizeLimit }}}{{ else }}{}{{ end }}
+    {{- end }}
+    {{- if $v.expertTLS.secretName }}
+    - name: expert-tls
+      secret: {secretName: {{ $v.expertTLS.secretName | quote }}, defaultMode: 0400}
     {{- end }}
   {{- with .group.nodeSelector }}
   nodeSelector:

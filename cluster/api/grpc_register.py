@@ -1,0 +1,38 @@
+"""The Generation service's registration, light enough for Serve's gRPC proxy to import.
+
+Serve's proxies import the `grpc_servicer_functions` the app names (cluster/serve/builder.py
+GRPC_SERVICERS); this one imports grpc and the generated messages only (not torch, not the
+engine), so a proxy stays small. Its request parser hands a request that does not parse
+(bad UTF-8 in a string, a truncated message) to the method as `Undecodable`, which the
+method answers with INVALID_ARGUMENT: a parser that raised would make gRPC answer UNKNOWN.
+"""
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from protos import generation_pb2 as pb
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+class Undecodable:
+    """In place of a request that does not parse."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _parse(data: bytes) -> pb.GenerateRequest | Undecodable:
+    try:
+        return pb.GenerateRequest.FromString(data)
+    except DecodeError as e:
+        return Undecodable(str(e))
+
+
+def add_generation_servicer(servicer, server) -> None:
+    """Register Generation/Generate on a gRPC server (a plain one, or Serve's proxy) with the
+    tolerant parser, so both parse alike."""
+    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
+        servicer.Generate, request_deserializer=_parse, response_serializer=pb.GenerateResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
