@@ -7,7 +7,6 @@ and parsed back from their exposition text, as the front door gathers them.
 import asyncio
 import json
 import random
-import time
 from bisect import bisect_left
 
 import pytest
@@ -232,7 +231,23 @@ def test_restarted_and_late_processes(app):
     assert heat["values"] == fresh.snapshot().double().tolist()
 
 
-def test_data_route_takes_rates_over_its_window(app):
+class _Clock:
+    """The dashboard's clock, moved by the test: windows do not depend on how fast polls run."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_data_route_takes_rates_over_its_window(app, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(dashboard, "time", clock)
+
     async def gather():
         route(app.routing, 20, seed=5)
         return app.families(), REPORT
@@ -246,13 +261,14 @@ def test_data_route_takes_rates_over_its_window(app):
     assert any(getattr(r, "path", "") == "/dashboard" for r in web.routes)
     first = asyncio.run(poll(data))
     assert first["heatmap"]["cumulative"] and first["window_s"] is None
+    clock.now += 0.3
     too_soon = asyncio.run(poll(data))                 # within the window: still totals
     assert too_soon["heatmap"]["cumulative"]
     c0 = app.routing.snapshot()                # the newest gather a window old, by then
-    time.sleep(0.6)
+    clock.now += 0.6
     later = asyncio.run(poll(data))
     grown = (app.routing.snapshot() - c0).double() / later["window_s"]
-    assert not later["heatmap"]["cumulative"] and later["window_s"] >= 0.5
+    assert not later["heatmap"]["cumulative"] and later["window_s"] == pytest.approx(0.6)
     assert sum(later["heatmap"]["values"], []) == pytest.approx(grown.flatten().tolist())
 
 

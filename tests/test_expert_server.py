@@ -282,7 +282,8 @@ class _TimedExperts:
 
 @pytest.mark.parametrize("spin", [False, True])
 def test_busy_time_on_cpu_counts_the_cpu_a_batch_got_not_its_wait(spin):
-    """A replica starved of cores (here: waiting) is not busy; one that computes is."""
+    """A replica starved of cores (here: waiting) is not busy; one that computes is busy for the
+    CPU it got (0.2 s of thread time), however long a loaded machine made it wait for a core."""
     from expert_service.server import ExpertShardServicer
 
     threads = torch.get_num_threads()
@@ -295,6 +296,6 @@ def test_busy_time_on_cpu_counts_the_cpu_a_batch_got_not_its_wait(spin):
         torch.set_num_threads(threads)
     assert seconds >= 0.2                    # the wall time is still what the RPC reports
     if spin:
-        assert servicer.busy_seconds == pytest.approx(seconds, rel=0.25)
+        assert 0.2 <= servicer.busy_seconds <= seconds
     else:
         assert servicer.busy_seconds < 0.05

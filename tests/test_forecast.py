@@ -102,9 +102,9 @@ def test_gpu_figures_from_bench_json(tmp_path):
 
 def test_plan_forecast_command():
     out = subprocess.run([sys.executable, "-m", "cluster.tools.cli", "plan", "--preset", "mixtral-8x22b",
-                          "--gpu-memory", "80GiB", "--context", "65536", "--concurrency", "16", "--expert-replicas", "1",
-                          "--forecast",
-                          "--batch", "4,8"], capture_output=True, text=True, timeout=120)
+                          "--gpu-memory", "80GiB", "--context", "65536", "--concurrency", "16",
+                          "--expert-replicas", "1", "--forecast", "--batch", "4,8"],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "forecast     H100 SXM: 989 TFLOP/s, 3350 GB/s HBM; 4 attention replicas, 4 expert groups of 1 " in text
