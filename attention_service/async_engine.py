@@ -25,8 +25,7 @@ from typing import AsyncIterator
 import msgspec
 
 from attention_service.engine import Engine
-from attention_service.errors import Overloaded
-from attention_service.grpc_transport import ExpertGroupUnavailable
+from attention_service.errors import ExpertGroupUnavailable, Overloaded
 from attention_service.sampling_params import SamplingParams
 from attention_service.sequence import Sequence
 from attention_service.tokenizer import IncrementalDecoder, Tokenizer
@@ -152,8 +151,8 @@ class AsyncEngine:
             except ExpertGroupUnavailable as e:
                 await self._wait_for_experts(str(e))
                 continue
-            except Exception as e:   # a step that cannot be computed fails its requests, not the engine
-                log.exception("engine step failed")
+            except Exception as e:   # outside the model (the engine fails a step's own sequences itself):
+                log.exception("engine step failed")   # fail every request rather than retry it forever
                 self._fail_all(f"{type(e).__name__}: {e}")
                 continue
             if self._outage is not None:

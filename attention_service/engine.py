@@ -13,7 +13,7 @@ from opentelemetry import trace
 
 from attention_service.block_manager import BlockManager, PrefixCacheStats
 from attention_service.config import EngineConfig
-from attention_service.errors import RequestError
+from attention_service.errors import ExpertGroupUnavailable, RequestError
 from attention_service.kv_cache import KVCache
 from attention_service.model import AttentionModel
 from attention_service.model_runner import ModelRunner
@@ -103,9 +103,21 @@ class Engine:
 
     async def step(self) -> list[Sequence]:
         scheduled = self.scheduler.schedule()
-        with self._step_span(scheduled):
-            sampled = await self.runner.run(scheduled)
+        try:
+            with self._step_span(scheduled):
+                sampled = await self.runner.run(scheduled)
+        except ExpertGroupUnavailable:
+            raise                  # nothing is wrong with the requests: the caller waits and steps again
+        except Exception as e:     # a step that cannot be computed fails the sequences it held, no others
+            log.exception("engine step failed; failing its %d sequences", len(scheduled))
+            return self._fail([s.seq for s in scheduled], f"{type(e).__name__}: {e}")
         return self.scheduler.postprocess(scheduled, sampled, self.eos_id)
+
+    def _fail(self, seqs: list[Sequence], error: str) -> list[Sequence]:
+        for seq in seqs:
+            seq.error = error
+            self.scheduler.finish(seq, "error")
+        return seqs
 
     def _step_span(self, scheduled: list[Scheduled]):
         """A step serves many requests but a span has one parent: the first traced request in

@@ -30,5 +30,9 @@ class Unavailable(RuntimeError):
         return self.message
 
 
+class ExpertGroupUnavailable(RuntimeError):
+    """No live replica of an expert group: the step cannot be computed (the engine waits for one)."""
+
+
 class Overloaded(Unavailable):
     """Refused because the queue is full, before any work was done."""

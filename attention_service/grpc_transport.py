@@ -28,6 +28,7 @@ import grpc
 import torch
 from opentelemetry import metrics, propagate, trace
 
+from attention_service.errors import ExpertGroupUnavailable
 from attention_service.shard_stream import Replica, ShardCallError
 from protos import codec
 from protos import expert_pb2 as pb
@@ -67,10 +68,6 @@ _rpc = RpcInstruments.on(metrics.get_meter(__name__))
 
 _REPLICA_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
                      grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
-
-
-class ExpertGroupUnavailable(RuntimeError):
-    """No live replica of an expert group: the step cannot be computed."""
 
 
 @dataclass(eq=False)
