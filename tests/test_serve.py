@@ -63,17 +63,18 @@ def test_completions_match_the_in_process_engine(app, local):
 def test_chat_streams_and_stops(app):
     _, _, _, client, model = app
     msgs = [{"role": "user", "content": "Name three experts."}]
-    full = client.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0)
-    streamed = client.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0, stream=True)
+    greedy = {"temperature": 0, "extra_body": {"ignore_eos": True}}     # 12 tokens, whatever the random model says
+    full = client.chat.completions.create(model=model, messages=msgs, max_tokens=12, **greedy)
+    streamed = client.chat.completions.create(model=model, messages=msgs, max_tokens=12, stream=True, **greedy)
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
-    assert text == full.choices[0].message.content and full.choices[0].finish_reason in ("length", "stop")
-    assert full.usage.completion_tokens <= 12
+    assert text == full.choices[0].message.content and full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 12
     content = full.choices[0].message.content
-    if len(content) > 4:
-        stop = content[2:4]
-        cut = client.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0, stop=[stop])
-        assert cut.choices[0].message.content == content[:content.index(stop)]
-        assert cut.choices[0].finish_reason == "stop"
+    assert len(content) > 4
+    stop = content[2:4]
+    cut = client.chat.completions.create(model=model, messages=msgs, max_tokens=12, stop=[stop], **greedy)
+    assert cut.choices[0].message.content == content[:content.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
 
 
 def test_grpc_generation_through_serve(app, local):
@@ -110,7 +111,7 @@ def _post(url, body: bytes):
 @pytest.mark.parametrize("body,status,words", [
     (b'{"model": ', 400, "JSON"),
     (json.dumps({"model": "no-such-model", "prompt": "x"}).encode(), 404, "no-such-model"),
-    (None, (400, 422), "max_tokens"),                     # negative max_tokens
+    (None, 400, "max_tokens"),                            # negative max_tokens
     ("over", 400, "context"),                             # prompt over the context
 ])
 def test_bad_requests_get_openai_errors_and_the_app_keeps_serving(app, body, status, words):
@@ -120,8 +121,8 @@ def test_bad_requests_get_openai_errors_and_the_app_keeps_serving(app, body, sta
     elif body == "over":
         body = json.dumps({"model": model, "prompt": [1] * 65530, "max_tokens": 100}).encode()
     code, payload = _post(f"{url}/v1/completions", body)
-    assert code in (status if isinstance(status, tuple) else (status,))
-    assert words in payload["error"]["message"]
+    assert code == status and words in payload["error"]["message"]
+    assert payload["error"]["type"] == "invalid_request_error"
     assert client.completions.create(model=model, prompt="ok", max_tokens=2).usage.completion_tokens >= 1
 
 

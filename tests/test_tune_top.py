@@ -203,10 +203,10 @@ def test_top_once_shows_groups_replicas_and_heat_map(app_metrics, tmp_path, caps
 
 def test_top_unreachable_url_is_a_clear_error():
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]            # closed again: nothing listens there
-    r = subprocess.run([sys.executable, "-m", "cluster.tools.cli", "top", "--url", f"http://127.0.0.1:{port}",
-                        "--once"],
-                       capture_output=True, text=True, timeout=60)
+        s.bind(("127.0.0.1", 0))             # held, never listening: a connection is refused, and no
+        port = s.getsockname()[1]            # other process can take the port meanwhile
+        r = subprocess.run([sys.executable, "-m", "cluster.tools.cli", "top", "--url", f"http://127.0.0.1:{port}",
+                            "--once"],
+                           capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert f"cannot reach http://127.0.0.1:{port}/metrics" in r.stderr and "Traceback" not in r.stderr

@@ -7,15 +7,34 @@ thread. Both hand back where to call them and stop what they started on the way 
 
 import contextlib
 import os
+import random
 import socket
 import threading
 import time
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a server that will bind it later (Ray Serve's proxies take a port number,
+    not a socket). Drawn below the kernel's ephemeral range, where port-0 binds and outgoing
+    connections never land, so no other process takes it between this check and the bind."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @contextlib.contextmanager
