@@ -1,10 +1,11 @@
 """Expert groups scaling on observed routing load, on the live app (CPU), with its telemetry.
 
-The checkpoint's routers favour experts 0, 2, 4, 6 (group 0 of two round-robin groups),
-so about 80% of the routed pairs go to group 0. The per-replica target sits between the two
-groups' demand: group 0 must scale up, group 1 must stay at its minimum, and group 0 must
-come back down when the load stops, with no request failing on the way. The same run
-checks /metrics and a request's trace.
+The checkpoint's routers favour experts 0, 2, 4, 6 (group 0 of two round-robin groups)
+so strongly that about 98% of the routed pairs go to group 0. The per-replica target sits
+between the two groups' demand, with a wide margin on either side, however fast the machine
+runs: group 0 must scale up, group 1 must stay at its minimum, and group 0 must come back
+down when the load stops, with no request failing on the way. The same run checks /metrics
+and a request's trace.
 """
 
 import json
@@ -87,13 +88,15 @@ def group_demand(text: str) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def skewed_app(tmp_path_factory):
-    ckpt = write_random_checkpoint(preset("tiny"), tmp_path_factory.mktemp("skewed"), favour_experts=[0, 2, 4, 6])
+    ckpt = write_random_checkpoint(preset("tiny"), tmp_path_factory.mktemp("skewed"), favour_experts=[0, 2, 4, 6],
+                                   favour=0.6)
     traces = tmp_path_factory.mktemp("traces")
     config = {
         "groups": 2,
-        # Measured on this preset: ~1,000-2,000 pairs/s in all, ~80% to group 0. The target
-        # sits well inside (group 1's demand, group 0's demand) so load noise cannot move it.
-        "autoscaling": {"experts": {"min_replicas": 1, "max_replicas": MAX, "target_tokens_per_s": 500,
+        # The demand in all is what the machine allows: a few hundred pairs/s on a loaded 2-core
+        # host, a few thousand on a quiet one. Group 0 gets ~98% of it, so a target of 150
+        # scales group 0 and never group 1 anywhere between ~160 and ~7,000 pairs/s.
+        "autoscaling": {"experts": {"min_replicas": 1, "max_replicas": MAX, "target_tokens_per_s": 150,
                                     "upscale_delay_s": 2, "downscale_delay_s": 6, "hysteresis": 0.2,
                                     "max_busy": 1.0},
                         "metrics_interval_s": 0.5, "look_back_period_s": 2},
@@ -124,7 +127,7 @@ def test_skewed_load_scales_the_busy_group_only_and_back(skewed_app):
             seen[name].append(running_replicas(name))
     assert max(seen["ExpertGroup-0"]) >= 2, f"group 0 never scaled up: {seen}; demand {demand}"
     assert max(seen["ExpertGroup-1"]) == 1, f"group 1 left its minimum: {seen}; demand {demand}"
-    assert demand.get("0", 0) > 2 * demand.get("1", 0), demand
+    assert demand.get("0", 0) > 10 * demand.get("1", 0), demand
     assert not load.errors, load.errors[:5]
     assert len(load.done) >= 12
 

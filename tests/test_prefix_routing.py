@@ -60,17 +60,18 @@ def _metric(url: str, name: str) -> dict[str, float]:
 @pytest.mark.e2e
 def test_two_attention_replicas_keep_a_prefix_on_one_and_preempt_exactly(tiny_ckpt):
     """Eight requests sharing an 80-token system prompt, then eight of another: each family is
-    served by one replica, so the cache hit rate is what one replica alone would have. Then six
-    long requests of one family at once overflow that replica's KV cache (40 blocks of 16): it
-    preempts and recomputes, and the tokens are still the in-process engine's."""
+    served by one replica, so the cache hit rate is what one replica alone would have. Then four
+    longer requests of one family at once overflow that replica's KV cache (20 blocks of 16: 5
+    shared, 5 more each): it preempts and recomputes, and the tokens are still the in-process
+    engine's."""
     import openai
 
     families = [[1] + SYSTEM, [1] + SYSTEM[::-1]]
     config = {"model_name": "tiny", "groups": 1, "autoscaling": {"enabled": False},
               "attention": {"replicas": 2, "engine": {"block_size": 16, "max_model_len": 256,
-                                                      "kv_cache_bytes": 40 * 16 * KV_BYTES_PER_TOKEN}}}
-    long_prompts = [families[0] + [300 + i] * (i + 1) for i in range(6)]
-    greedy = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)
+                                                      "kv_cache_bytes": 20 * 16 * KV_BYTES_PER_TOKEN}}}
+    long_prompts = [families[0] + [300 + i] * (i + 1) for i in range(4)]
+    greedy = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
     engine, tok = build_engine(tiny_ckpt, EngineConfig(block_size=16))
     # The text the front door streams for these ids: decoded with the prompt's last tokens before it.
     expected = [tok.decode(p[-6:] + s.output_ids)[len(tok.decode(p[-6:])):]
@@ -84,7 +85,7 @@ def test_two_attention_replicas_keep_a_prefix_on_one_and_preempt_exactly(tiny_ck
             hits, routes = _metric(url, "moe_serve_prefix_cache_hit_tokens_total"), \
                 _metric(url, "moe_serve_router_prefix_routes_total")
             long = await asyncio.gather(*(client.completions.create(
-                model="tiny", prompt=p, max_tokens=150, temperature=0, extra_body={"ignore_eos": True})
+                model="tiny", prompt=p, max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
                 for p in long_prompts))
             await client.close()
             return hits, routes, long
@@ -94,5 +95,5 @@ def test_two_attention_replicas_keep_a_prefix_on_one_and_preempt_exactly(tiny_ck
     assert sum(hits.values()) == 2 * 7 * 80
     assert sum(v for k, v in routes.items() if k.endswith("affinity")) == 16
     assert [r.choices[0].text for r in long] == expected
-    assert all(r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 150 for r in long)
+    assert all(r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 60 for r in long)
     assert sum(preemptions.values()) >= 1
