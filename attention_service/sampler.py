@@ -1,8 +1,17 @@
 """Turn a step's last-position logits into tokens.
 
-Shapes: B sequences sampling this step, R of them not greedy, V vocab, C candidates.
+Shapes: B sequences sampling this step, R of them not greedy, P of them penalised, V vocab,
+C candidates, N tokens of the penalised rows in all.
 
-Greedy rows take the argmax. The others are scaled by temperature, cut to top-k and
+In order: logit_bias, then the penalties (repetition over prompt and output, frequency and
+presence over the output), all on the logits, as vLLM does; greedy rows then take the
+argmax of what is left. The penalties are one [P, V] count per step, scattered from the
+rows' tokens laid end to end, so the cost is a few tensor ops whatever the batch holds.
+
+The others are scaled by temperature, cut by min_p, then top-k and top-p (on what min_p
+left, renormalised), and drawn by inverse CDF with one uniform from a generator seeded by (request seed,
+tokens generated so far): a request's output depends on its seed only, never on what else
+shares the batch. The others are scaled by temperature, cut to top-k and
 top-p, and drawn by inverse CDF with one uniform from a generator seeded by (request seed,
 tokens generated so far): a request's output depends on its seed only, never on what else
 shares the batch.
@@ -14,6 +23,8 @@ sample from the softmax as it is, and rows with a cut sample among their top C c
 vocabulary only for a row whose top C does not hold top_p of the mass). Both give exactly
 the distribution the cuts define.
 """
+
+import itertools
 
 import torch
 
@@ -61,8 +72,51 @@ def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(pick < N, pick, last)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]) -> torch.Tensor:
-    """logits [B, V] fp32 -> tokens [B] int64."""
+def penalize(logits: torch.Tensor, params: list[SamplingParams], history: list[list[int]],
+             prompt_lens: list[int]) -> torch.Tensor:
+    """logits [B, V] -> the same with logit_bias and penalties applied (a new tensor where any
+    row has them). history[i]: row i's tokens, prompt then output; prompt_lens[i]: how many
+    of them are prompt."""
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return logits
+    dev, V = logits.device, logits.shape[-1]
+    P = len(rows)
+    x = logits[torch.tensor(rows, device=dev)]                              # [P, V], a copy
+    biased = [(j, t, b) for j, i in enumerate(rows) for t, b in params[i].logit_bias.items()]
+    if biased:
+        r, t, b = zip(*biased)
+        x.index_put_((torch.tensor(r, device=dev), torch.tensor(t, device=dev)),
+                     torch.tensor(b, dtype=x.dtype, device=dev), accumulate=True)
+    lens = torch.tensor([len(history[i]) for i in rows])
+    flat = torch.tensor(list(itertools.chain.from_iterable(history[i] for i in rows)), dtype=torch.int64)
+    row = torch.repeat_interleave(torch.arange(P), lens)                      # [N]
+    pos = torch.arange(len(flat)) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+    out = pos >= torch.repeat_interleave(torch.tensor([prompt_lens[i] for i in rows]), lens)
+    row, flat, out = row.to(dev), flat.to(dev), out.to(dev)
+    seen = torch.zeros(P, V, dtype=torch.bool, device=dev).index_put_((row, flat), torch.ones_like(out))
+    count = torch.zeros(P, V, dtype=x.dtype, device=dev).index_put_(
+        (row[out], flat[out]), torch.ones(int(out.sum()), dtype=x.dtype, device=dev), accumulate=True)
+    rep = torch.tensor([params[i].repetition_penalty for i in rows], dtype=x.dtype, device=dev)[:, None]
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    freq = torch.tensor([params[i].frequency_penalty for i in rows], dtype=x.dtype, device=dev)[:, None]
+    pres = torch.tensor([params[i].presence_penalty for i in rows], dtype=x.dtype, device=dev)[:, None]
+    x = x - freq * count - pres * (count > 0).to(x.dtype)
+    if P == len(params):
+        return x
+    logits = logits.clone()
+    logits[torch.tensor(rows, device=dev)] = x
+    return logits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int],
+           history: list[list[int]] | None = None, prompt_lens: list[int] | None = None) -> torch.Tensor:
+    """logits [B, V] fp32 -> tokens [B] int64. history and prompt_lens (see penalize) are needed
+    only when some row has penalties or a logit_bias."""
+    if history is not None:
+        logits = penalize(logits, params, history, prompt_lens)
+    elif any(p.penalized for p in params):
+        raise ValueError("penalties and logit_bias need each row's tokens (history)")
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
@@ -78,6 +132,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     # never inf - inf: the limit of the softmax as temperature goes to 0 is the argmax.
     mine = mine - mine.max(dim=-1, keepdim=True).values
     probs = torch.softmax(mine / temp[:, None], dim=-1)                   # [R, V]
+    if any(params[i].min_p > 0 for i in rows):
+        min_p = torch.tensor([params[i].min_p for i in rows], device=dev)
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
     u = _uniforms([seeds[i] for i in rows], [steps[i] for i in rows]).to(dev)
     plain = (top_k == 0) & (top_p >= 1)                                   # [R] no cut: the softmax as it is
     if bool(plain.all()):
