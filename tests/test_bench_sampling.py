@@ -16,7 +16,8 @@ def test_sampling_bench_quick():
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for case in CASES:
-        assert re.search(rf"sampling peaked rows=4 {re.escape(case)}: ours [0-9.]+ ms, sort-every-row [0-9.]+ ms", done.stdout)
+        line = rf"sampling peaked rows=4 {re.escape(case)}: ours [0-9.]+ ms, sort-every-row [0-9.]+ ms"
+        assert re.search(line, done.stdout), case
     for kind in PENALTIES:
         line = rf"sampling penalties rows=4 {kind}: [0-9.]+ ms, plain [0-9.]+ ms, adds -?[0-9.]+ ms, ratio [0-9.]+x"
         assert re.search(line, done.stdout), kind
