@@ -70,7 +70,7 @@ _sampling = {
     "presence_penalty": _field(st.floats(-3, 3)), "frequency_penalty": _field(st.floats(-3, 3)),
     "repetition_penalty": _field(st.floats(-1, 12)), "min_p": _field(st.floats(-0.5, 1.5)),
     "logit_bias": _field(st.dictionaries(st.one_of(st.integers(-2, 32005).map(str), _text),
-                                         st.floats(-150, 150, allow_nan=True), max_size=4) | _anything),
+                                         st.floats(-150, 150) | st.just(float("nan")), max_size=4) | _anything),
     "unknown_field": _anything,
 }
 
