@@ -5,8 +5,8 @@ C candidates, N tokens of the penalised rows in all.
 
 In order: logit_bias, then the penalties (repetition over prompt and output, frequency and
 presence over the output), all on the logits, as vLLM does; greedy rows then take the
-argmax of what is left. The penalties are one [P, V] count per step, scattered from the
-rows' tokens laid end to end, so the cost is a few tensor ops whatever the batch holds.
+argmax of what is left. The penalties are a few tensor ops per step, whatever the batch
+holds: the rows' tokens laid end to end address the logits they change (see penalize).
 
 The others are scaled by temperature, cut by min_p, then top-k and top-p (on what min_p
 left, renormalised), and drawn by inverse CDF with one uniform from a generator seeded by (request seed,
@@ -74,39 +74,49 @@ def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def penalize(logits: torch.Tensor, params: list[SamplingParams], history: list[list[int]],
              prompt_lens: list[int]) -> torch.Tensor:
-    """logits [B, V] -> the same with logit_bias and penalties applied (a new tensor where any
-    row has them). history[i]: row i's tokens, prompt then output; prompt_lens[i]: how many
-    of them are prompt."""
+    """logits [B, V] -> a copy with logit_bias and penalties applied (logits itself where no row
+    has any). history[i]: row i's tokens, prompt then output; prompt_lens[i]: how many of them
+    are prompt.
+
+    Only the entries the rows' tokens name are touched: the tokens of every penalised row,
+    laid end to end, address the flattened logits (row * V + token), so a step costs O(N)
+    plus one sort of the output tokens (their per-row counts), not O(P * V).
+    """
     rows = [i for i, p in enumerate(params) if p.penalized]
     if not rows:
         return logits
     dev, V = logits.device, logits.shape[-1]
-    P = len(rows)
-    x = logits[torch.tensor(rows, device=dev)]                              # [P, V], a copy
-    biased = [(j, t, b) for j, i in enumerate(rows) for t, b in params[i].logit_bias.items()]
+    x = logits.clone()
+    flat_x = x.view(-1)
+    biased = [(i * V + t, b) for i in rows for t, b in params[i].logit_bias.items()]
     if biased:
-        r, t, b = zip(*biased)
-        x.index_put_((torch.tensor(r, device=dev), torch.tensor(t, device=dev)),
-                     torch.tensor(b, dtype=x.dtype, device=dev), accumulate=True)
-    lens = torch.tensor([len(history[i]) for i in rows])
-    flat = torch.tensor(list(itertools.chain.from_iterable(history[i] for i in rows)), dtype=torch.int64)
-    row = torch.repeat_interleave(torch.arange(P), lens)                      # [N]
-    pos = torch.arange(len(flat)) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
-    out = pos >= torch.repeat_interleave(torch.tensor([prompt_lens[i] for i in rows]), lens)
-    row, flat, out = row.to(dev), flat.to(dev), out.to(dev)
-    seen = torch.zeros(P, V, dtype=torch.bool, device=dev).index_put_((row, flat), torch.ones_like(out))
-    count = torch.zeros(P, V, dtype=x.dtype, device=dev).index_put_(
-        (row[out], flat[out]), torch.ones(int(out.sum()), dtype=x.dtype, device=dev), accumulate=True)
-    rep = torch.tensor([params[i].repetition_penalty for i in rows], dtype=x.dtype, device=dev)[:, None]
-    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-    freq = torch.tensor([params[i].frequency_penalty for i in rows], dtype=x.dtype, device=dev)[:, None]
-    pres = torch.tensor([params[i].presence_penalty for i in rows], dtype=x.dtype, device=dev)[:, None]
-    x = x - freq * count - pres * (count > 0).to(x.dtype)
-    if P == len(params):
+        at, b = zip(*biased)
+        flat_x.index_add_(0, torch.tensor(at, device=dev), torch.tensor(b, dtype=x.dtype, device=dev))
+    rep_on = any(params[i].repetition_penalty != 1 for i in rows)
+    count_on = any(params[i].frequency_penalty or params[i].presence_penalty for i in rows)
+    if not (rep_on or count_on):
         return x
-    logits = logits.clone()
-    logits[torch.tensor(rows, device=dev)] = x
-    return logits
+    lens = torch.tensor([len(history[i]) for i in rows])
+    tokens = torch.tensor(list(itertools.chain.from_iterable(history[i] for i in rows)), dtype=torch.int64)
+    row = torch.repeat_interleave(torch.tensor(rows), lens)                   # [N]
+    pos = torch.arange(len(tokens)) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+    out = pos >= torch.repeat_interleave(torch.tensor([prompt_lens[i] for i in rows]), lens)
+    key = (row * V + tokens).to(dev)                                          # [N] into flat_x
+    # Repetition: every entry is read before any is written, so a token seen twice is
+    # penalised once.
+    if rep_on:
+        rep = torch.tensor([p.repetition_penalty for p in params], dtype=x.dtype, device=dev)[row.to(dev)]
+        seen = flat_x[key]
+        flat_x[key] = torch.where(seen > 0, seen / rep, seen * rep)
+    if not count_on:
+        return x
+    # Frequency and presence, over the output: each distinct (row, token) once, with its count.
+    ukey, count = torch.unique(key[out.to(dev)], return_counts=True)
+    r = ukey // V
+    freq = torch.tensor([p.frequency_penalty for p in params], dtype=x.dtype, device=dev)[r]
+    pres = torch.tensor([p.presence_penalty for p in params], dtype=x.dtype, device=dev)[r]
+    flat_x.index_add_(0, ukey, -(freq * count.to(x.dtype) + pres))
+    return x
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int],
