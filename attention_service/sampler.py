@@ -9,11 +9,8 @@ argmax of what is left. The penalties are a few tensor ops per step, whatever th
 holds: the rows' tokens laid end to end address the logits they change (see penalize).
 
 The others are scaled by temperature, cut by min_p, then top-k and top-p (on what min_p
-left, renormalised), and drawn by inverse CDF with one uniform from a generator seeded by (request seed,
-tokens generated so far): a request's output depends on its seed only, never on what else
-shares the batch. The others are scaled by temperature, cut to top-k and
-top-p, and drawn by inverse CDF with one uniform from a generator seeded by (request seed,
-tokens generated so far): a request's output depends on its seed only, never on what else
+left, renormalised), and drawn by inverse CDF with one uniform from a generator seeded by
+(request seed, tokens generated so far): a request's output depends on its seed only, never on what else
 shares the batch.
 
 Nothing here sorts the vocabulary when it can be avoided (on a CPU, sorting a batch's

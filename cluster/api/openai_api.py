@@ -36,18 +36,9 @@ from cluster.api.backend import Backend, close_quietly, getter, open_stream
 from cluster.api.completion import CompletionReply
 from cluster.api.http_guard import HttpGuard
 from cluster.api.limits import check_unicode, default_max_tokens, limits_of
+from cluster.api.request_fields import check_defaults, logit_bias, refuse_structured_output
 
 log = logging.getLogger(__name__)
-
-# Fields the request models accept only at these values: anything else would silently differ.
-_ONLY_DEFAULT = {"echo": (None, False), "suffix": (None, ""), "modalities": (None, ["text"]),
-                 "parallel_tool_calls": (None, True), "audio": (None,), "prediction": (None,),
-                 "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,),
-                 "functions": (None,), "function_call": (None,)}
-# Sent by clients by default and meaningless to this server: accepted and ignored (docs/api.md).
-IGNORED = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-           "prompt_cache_retention", "prompt_cache_options", "moderation")
-
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -223,7 +214,7 @@ def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
         req = await _parse(request, ChatRequest, b)
         if req.tool_choice not in (None, "none", "auto") and not req.tools:
             raise APIError(400, f"tool_choice {req.tool_choice!r} needs tools", "tool_choice")
-        _refuse_structured_output(req)
+        refuse_structured_output(req)
         ids = chat.chat_prompt(b.tokenizer, req.messages, req.tools, req.tool_choice)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         lps = (req.top_logprobs or 0) if req.logprobs else None
@@ -256,25 +247,8 @@ async def _parse(request: Request, model: type[_Sampling], backend: Backend) -> 
     if req.model != backend.model_name:
         raise APIError(404, f"model {req.model!r} does not exist; this server serves {backend.model_name!r}",
                        "model", "model_not_found")
-    for name, allowed in _ONLY_DEFAULT.items():
-        if getattr(req, name, None) not in allowed:
-            only = f" (only {allowed[1]!r})" if len(allowed) > 1 else ""
-            raise APIError(400, f"{name}={getattr(req, name)!r} is not supported{only}", name)
+    check_defaults(req)
     return req
-
-
-def _refuse_structured_output(req: ChatRequest) -> None:
-    """Structured output is not built yet: refused here, rather than ignored, until it is.
-
-    Constrained decoding lifts these: response_format json_object / json_schema, and
-    tool_choice "required" or a named function (unknown fields such as guided_json are
-    refused by the request model)."""
-    kind = (req.response_format or {}).get("type", "text")
-    if kind != "text":
-        raise APIError(400, f"response_format type {kind!r} is not supported yet (only 'text')", "response_format")
-    if req.tool_choice == "required" or isinstance(req.tool_choice, dict):
-        raise APIError(400, f"tool_choice {req.tool_choice!r} is not enforced yet: use 'auto' or 'none'",
-                       "tool_choice")
 
 
 def _params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -286,18 +260,7 @@ def _params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingPa
         n=1 if req.n is None else req.n, presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        min_p=req.min_p or 0.0, logit_bias=_logit_bias(req.logit_bias))
-
-
-def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
-    """OpenAI's logit_bias: token ids as JSON keys (strings)."""
-    out = {}
-    for k, v in (bias or {}).items():
-        try:
-            out[int(k)] = v
-        except ValueError:
-            raise RequestError(f"logit_bias keys must be token ids, got {k!r}", "logit_bias") from None
-    return out
+        min_p=req.min_p or 0.0, logit_bias=logit_bias(req.logit_bias))
 
 
 # The engine's parameter names, as a chat request spells them.
