@@ -11,6 +11,9 @@ backing off, while the directory brings a replica back; a request that has waite
 with 503 and Retry-After. With `max_waiting` set, a request that would queue behind that
 many waiting ones is refused with `Overloaded` before any work.
 
+A request for n choices streams the deltas of all of them, each marked with its `index`;
+the stream ends once every choice has finished.
+
 Text is decoded incrementally (multi-byte characters are held until complete) and stop
 strings are honoured on the text: the output ends just before the first stop string,
 and text that might be the start of one is held back until it is known not to be.
@@ -47,22 +50,37 @@ class Delta(msgspec.Struct, frozen=True):
     # With finish_reason "error": "unavailable" when only the experts being out of reach
     # failed it (the same request may succeed later), else None.
     error_code: str | None = None
+    index: int = 0                            # which of the request's n choices
 
     def then(self, later: "Delta") -> "Delta":
-        """This delta followed by a later one of the same request, as one."""
+        """This delta followed by a later one of the same choice, as one."""
         lps = (None if self.logprobs is None and later.logprobs is None
                else (self.logprobs or []) + (later.logprobs or []))
         return Delta(self.token_ids + later.token_ids, self.text + later.text, later.finish_reason, lps,
-                     later.prompt_tokens, later.completion_tokens, later.error, later.error_code)
+                     later.prompt_tokens, later.completion_tokens, later.error, later.error_code, self.index)
+
+
+def coalesce(deltas: list[Delta]) -> list[Delta]:
+    """Deltas in arrival order, each choice's merged into one, in the order choices first appear."""
+    out: dict[int, Delta] = {}
+    for d in deltas:
+        out[d.index] = out[d.index].then(d) if d.index in out else d
+    return list(out.values())
+
+
+@dataclass
+class _Choice:
+    seq: Sequence
+    decoder: IncrementalDecoder
+    sent_tokens: int = 0
+    held: str = ""           # decoded text not yet sent: it may begin a stop string
+    done: bool = False       # its last delta is queued
 
 
 @dataclass
 class _Request:
-    seq: Sequence
-    decoder: IncrementalDecoder
+    choices: list[_Choice]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    sent_tokens: int = 0
-    held: str = ""           # decoded text not yet sent: it may begin a stop string
     stalled: float | None = None   # since when its steps have found an expert group unreachable
 
 
@@ -100,30 +118,33 @@ class AsyncEngine:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, trace_context=None
                        ) -> AsyncIterator[Delta]:
-        """Stream one request's deltas; the last one carries finish_reason. Bad input raises
-        RequestError, a full queue Overloaded."""
+        """Stream one request's deltas; each choice's last one carries finish_reason. Bad input
+        raises RequestError, a full queue Overloaded."""
         if self.max_waiting is not None and self.engine.num_waiting >= self.max_waiting:
             raise Overloaded(f"server busy: {self.engine.num_waiting} requests already wait; retry later",
                              self.retry_after_s)
         seq = self.engine.add(prompt_ids, params, trace_context)      # validates before any work
-        req = _Request(seq, self.tokenizer.incremental(context=prompt_ids))
-        self._requests[seq.seq_id] = req
+        req = _Request([_Choice(s, self.tokenizer.incremental(context=prompt_ids)) for s in seq.choices])
+        for c in req.choices:
+            self._requests[c.seq.seq_id] = req
         self._ensure_running()
         self._wake.set()
         try:
-            while True:
-                delta = await req.queue.get()
-                # Steps the reader fell behind on go out as one delta: downstream (a Serve
-                # handle stream, an SSE chunk) pays per item, not per token.
-                while delta.finish_reason is None and not req.queue.empty():
-                    delta = delta.then(req.queue.get_nowait())
-                yield delta
-                if delta.finish_reason is not None:
-                    return
+            left = len(req.choices)
+            while left:
+                # Steps the reader fell behind on go out as one delta per choice: downstream
+                # (a Serve handle stream, an SSE chunk) pays per item, not per token.
+                pending = [await req.queue.get()]
+                while not req.queue.empty():
+                    pending.append(req.queue.get_nowait())
+                for delta in coalesce(pending):
+                    yield delta
+                    left -= delta.finish_reason is not None
         finally:
-            self._requests.pop(seq.seq_id, None)
-            if not seq.is_finished:
-                self.engine.finish(seq, "abort")       # frees its blocks now
+            for c in req.choices:
+                self._requests.pop(c.seq.seq_id, None)
+                if not c.seq.is_finished:
+                    self.engine.finish(c.seq, "abort")       # frees its blocks now
 
     async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Delta:
         """The whole output at once, as one Delta."""
@@ -167,24 +188,32 @@ class AsyncEngine:
             await asyncio.sleep(0)                     # let consumers and new submissions in
 
     def _emit(self, req: _Request) -> None:
-        seq, p = req.seq, req.seq.params
-        new = seq.token_ids[seq.num_prompt_tokens + req.sent_tokens:]
-        lps = seq.logprobs[req.sent_tokens:] if p.logprobs is not None else None
-        req.sent_tokens += len(new)
-        text = req.held + req.decoder.push_many(t for t in new if not (t == self.engine.eos_id and not p.ignore_eos))
+        """Queue a delta for each of the request's choices that gained tokens or finished."""
+        for c in req.choices:
+            seq = c.seq
+            if not c.done and (seq.num_output > c.sent_tokens or seq.finish_reason is not None):
+                self._emit_choice(req, c)
+
+    def _emit_choice(self, req: _Request, c: _Choice) -> None:
+        seq, p = c.seq, c.seq.params
+        new = seq.token_ids[seq.num_prompt_tokens + c.sent_tokens:]
+        lps = seq.logprobs[c.sent_tokens:] if p.logprobs is not None else None
+        c.sent_tokens += len(new)
+        text = c.held + c.decoder.push_many(t for t in new if not (t == self.engine.eos_id and not p.ignore_eos))
         finish = seq.finish_reason
         if finish is not None:
-            text += req.decoder.flush()
+            text += c.decoder.flush()
         cut, hold = _stop_scan(text, p.stop)
         if cut is not None:
             text, finish = text[:cut], "stop"
             self.engine.finish(seq, "stop")
         elif finish is None and hold:
-            text, req.held = text[:-hold], text[-hold:]
+            text, c.held = text[:-hold], text[-hold:]
         else:
-            req.held = ""
+            c.held = ""
+        c.done = finish is not None
         req.queue.put_nowait(Delta(new, text, finish, lps, seq.num_prompt_tokens, seq.num_output,
-                                   seq.error if finish == "error" else None))
+                                   seq.error if finish == "error" else None, index=seq.index))
 
     async def _wait_for_experts(self, message: str) -> None:
         """A step found an expert group unreachable: fail the requests that have waited long
@@ -193,21 +222,27 @@ class AsyncEngine:
         if self._outage is None:
             self._outage = now
             log.warning("%s; requests wait up to %.0f s for a replica", message, self.expert_wait_s)
-        for req in list(self._requests.values()):
+        for req in self._unique_requests():
             req.stalled = req.stalled or now
             if now - req.stalled >= self.expert_wait_s:
                 self._fail(req, f"{message} (waited {now - req.stalled:.0f} s)", "unavailable")
         # Short at first (a replica set aside comes back quickly), at most a second.
         await asyncio.sleep(min(1.0, 0.05 + (now - self._outage) / 4))
 
+    def _unique_requests(self) -> list[_Request]:
+        """Each request once (the map holds it under every choice's id)."""
+        return list({id(r): r for r in self._requests.values()}.values())
+
     def _fail(self, req: _Request, message: str, code: str | None = None) -> None:
-        if not req.seq.is_finished:
-            self.engine.finish(req.seq, "error")
-            req.queue.put_nowait(Delta([], "", "error", None, req.seq.num_prompt_tokens,
-                                       req.seq.num_output, error=message, error_code=code))
+        for c in req.choices:
+            if not c.done:
+                self.engine.finish(c.seq, "error")
+                c.done = True
+                req.queue.put_nowait(Delta([], "", "error", None, c.seq.num_prompt_tokens, c.seq.num_output,
+                                           error=message, error_code=code, index=c.seq.index))
 
     def _fail_all(self, message: str) -> None:
-        for req in list(self._requests.values()):
+        for req in self._unique_requests():
             self._fail(req, message)
 
     async def close(self) -> None:

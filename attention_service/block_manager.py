@@ -112,16 +112,21 @@ class BlockManager:
         return found
 
     def can_start(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether seq, holding no blocks, can take its cached prefix and fresh blocks for the
-        first num_tokens tokens past it."""
+        """Whether seq can take its cached prefix (unless it holds forked blocks) and fresh
+        blocks for the first num_tokens tokens past it."""
+        if seq.block_table:
+            return self.can_allocate(seq, seq.num_computed + num_tokens)
         hits = self.cached_prefix(seq)
         idle_hits = sum(1 for b in hits if self.ref_count[b] == 0)   # leave the free pool when taken
         fresh = -(-(len(hits) * self.block_size + num_tokens) // self.block_size) - len(hits)
         return fresh + idle_hits <= self.num_free
 
     def start(self, seq: Sequence, num_tokens: int) -> None:
-        """Give seq (holding no blocks) its cached prefix, marked computed, and fresh blocks for
-        num_tokens more tokens."""
+        """Give seq its cached prefix, marked computed (unless it holds forked blocks), and fresh
+        blocks for num_tokens more tokens."""
+        if seq.block_table:
+            self.allocate(seq, seq.num_computed + num_tokens)
+            return
         hits = self.cached_prefix(seq)
         if self.prefix_caching:
             s = self.stats
@@ -137,6 +142,17 @@ class BlockManager:
         seq.block_hashes = [self.hash_of[b] for b in hits]
         seq.num_computed = len(hits) * self.block_size
         self.allocate(seq, seq.num_computed + num_tokens)
+
+    # --- sharing a prompt between a request's choices ----------------------------------
+    def fork(self, parent: Sequence, child: Sequence, num_blocks: int) -> None:
+        """child, holding no blocks, takes parent's first num_blocks (full, computed) blocks
+        as its own computed prefix: one more reference each, nothing copied or recomputed."""
+        shared = parent.block_table[:num_blocks]
+        for block in shared:
+            self.ref_count[block] += 1
+        child.block_table = list(shared)
+        child.block_hashes = list(parent.block_hashes[:num_blocks])
+        child.num_computed = len(shared) * self.block_size
 
     # --- naming blocks once they are full and computed -----------------------------------
     def commit(self, seq: Sequence) -> None:

@@ -54,12 +54,16 @@ class Engine:
                                f"{self.blocks.capacity_tokens}", "max_tokens")
 
     def add(self, prompt_ids: list[int], params: SamplingParams, trace_context=None) -> Sequence:
-        """trace_context: the request's OpenTelemetry context, for the steps that serve it."""
+        """The request's first choice; all n are its `.choices`. trace_context: the request's
+        OpenTelemetry context, for the steps that serve it."""
         self.check_request(prompt_ids, params)
         seq = Sequence(prompt_ids, params)
+        seq.followers = [Sequence(prompt_ids, params, index=i) for i in range(1, params.n)]
+        seq.choices += seq.followers
         # Kept only when the request is sampled, so a step looks at no context of an untraced one.
         if trace_context is not None and trace.get_current_span(trace_context).get_span_context().trace_flags.sampled:
-            seq.trace_context = trace_context
+            for s in seq.choices:
+                s.trace_context = trace_context
         self.scheduler.add(seq)
         return seq
 
@@ -132,8 +136,8 @@ class Engine:
                         "moe_serve.tokens": sum(s.num_tokens for s in scheduled)})
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
-        """Offline batch generation: run every prompt to completion."""
-        seqs = [self.add(p, params) for p in prompts]
+        """Offline batch generation: run every prompt to completion; its n choices in order."""
+        seqs = [c for p in prompts for c in self.add(p, params).choices]
         while self.has_work:
             await self.step()
         return seqs

@@ -163,7 +163,10 @@ class ModelRunner:
 
 def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """logits [B, V] -> a token per sequence; logprobs are recorded only once every row succeeded."""
-    tokens = sample(logits, [q.params for q in seqs], [q.seed for q in seqs], [q.num_output for q in seqs])
+    params = [q.params for q in seqs]
+    history = ([q.token_ids for q in seqs], [q.num_prompt_tokens for q in seqs]) if any(
+        p.penalized for p in params) else (None, None)
+    tokens = sample(logits, params, [q.seed for q in seqs], [q.num_output for q in seqs], *history)
     want = [i for i, q in enumerate(seqs) if q.params.logprobs is not None]
     records = []
     if want:

@@ -1,10 +1,16 @@
 """Turn a step's last-position logits into tokens.
 
-Shapes: B sequences sampling this step, R of them not greedy, V vocab, C candidates.
+Shapes: B sequences sampling this step, R of them not greedy, P of them penalised, V vocab,
+C candidates, N tokens of the penalised rows in all.
 
-Greedy rows take the argmax. The others are scaled by temperature, cut to top-k and
-top-p, and drawn by inverse CDF with one uniform from a generator seeded by (request seed,
-tokens generated so far): a request's output depends on its seed only, never on what else
+In order: logit_bias, then the penalties (repetition over prompt and output, frequency and
+presence over the output), all on the logits, as vLLM does; greedy rows then take the
+argmax of what is left. The penalties are a few tensor ops per step, whatever the batch
+holds: the rows' tokens laid end to end address the logits they change (see penalize).
+
+The others are scaled by temperature, cut by min_p, then top-k and top-p (on what min_p
+left, renormalised), and drawn by inverse CDF with one uniform from a generator seeded by
+(request seed, tokens generated so far): a request's output depends on its seed only, never on what else
 shares the batch.
 
 Nothing here sorts the vocabulary when it can be avoided (on a CPU, sorting a batch's
@@ -14,6 +20,8 @@ sample from the softmax as it is, and rows with a cut sample among their top C c
 vocabulary only for a row whose top C does not hold top_p of the mass). Both give exactly
 the distribution the cuts define.
 """
+
+import itertools
 
 import torch
 
@@ -61,8 +69,61 @@ def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(pick < N, pick, last)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]) -> torch.Tensor:
-    """logits [B, V] fp32 -> tokens [B] int64."""
+def penalize(logits: torch.Tensor, params: list[SamplingParams], history: list[list[int]],
+             prompt_lens: list[int]) -> torch.Tensor:
+    """logits [B, V] -> a copy with logit_bias and penalties applied (logits itself where no row
+    has any). history[i]: row i's tokens, prompt then output; prompt_lens[i]: how many of them
+    are prompt.
+
+    Only the entries the rows' tokens name are touched: the tokens of every penalised row,
+    laid end to end, address the flattened logits (row * V + token), so a step costs O(N)
+    plus one sort of the output tokens (their per-row counts), not O(P * V).
+    """
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return logits
+    dev, V = logits.device, logits.shape[-1]
+    x = logits.clone()
+    flat_x = x.view(-1)
+    biased = [(i * V + t, b) for i in rows for t, b in params[i].logit_bias.items()]
+    if biased:
+        at, b = zip(*biased)
+        flat_x.index_add_(0, torch.tensor(at, device=dev), torch.tensor(b, dtype=x.dtype, device=dev))
+    rep_on = any(params[i].repetition_penalty != 1 for i in rows)
+    count_on = any(params[i].frequency_penalty or params[i].presence_penalty for i in rows)
+    if not (rep_on or count_on):
+        return x
+    lens = torch.tensor([len(history[i]) for i in rows])
+    tokens = torch.tensor(list(itertools.chain.from_iterable(history[i] for i in rows)), dtype=torch.int64)
+    row = torch.repeat_interleave(torch.tensor(rows), lens)                   # [N]
+    pos = torch.arange(len(tokens)) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+    out = pos >= torch.repeat_interleave(torch.tensor([prompt_lens[i] for i in rows]), lens)
+    key = (row * V + tokens).to(dev)                                          # [N] into flat_x
+    # Repetition: every entry is read before any is written, so a token seen twice is
+    # penalised once.
+    if rep_on:
+        rep = torch.tensor([p.repetition_penalty for p in params], dtype=x.dtype, device=dev)[row.to(dev)]
+        seen = flat_x[key]
+        flat_x[key] = torch.where(seen > 0, seen / rep, seen * rep)
+    if not count_on:
+        return x
+    # Frequency and presence, over the output: each distinct (row, token) once, with its count.
+    ukey, count = torch.unique(key[out.to(dev)], return_counts=True)
+    r = ukey // V
+    freq = torch.tensor([p.frequency_penalty for p in params], dtype=x.dtype, device=dev)[r]
+    pres = torch.tensor([p.presence_penalty for p in params], dtype=x.dtype, device=dev)[r]
+    flat_x.index_add_(0, ukey, -(freq * count.to(x.dtype) + pres))
+    return x
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int],
+           history: list[list[int]] | None = None, prompt_lens: list[int] | None = None) -> torch.Tensor:
+    """logits [B, V] fp32 -> tokens [B] int64. history and prompt_lens (see penalize) are needed
+    only when some row has penalties or a logit_bias."""
+    if history is not None:
+        logits = penalize(logits, params, history, prompt_lens)
+    elif any(p.penalized for p in params):
+        raise ValueError("penalties and logit_bias need each row's tokens (history)")
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
@@ -78,6 +139,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     # never inf - inf: the limit of the softmax as temperature goes to 0 is the argmax.
     mine = mine - mine.max(dim=-1, keepdim=True).values
     probs = torch.softmax(mine / temp[:, None], dim=-1)                   # [R, V]
+    if any(params[i].min_p > 0 for i in rows):
+        min_p = torch.tensor([params[i].min_p for i in rows], device=dev)
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
     u = _uniforms([seeds[i] for i in rows], [steps[i] for i in rows]).to(dev)
     plain = (top_k == 0) & (top_p >= 1)                                   # [R] no cut: the softmax as it is
     if bool(plain.all()):

@@ -10,6 +10,14 @@ When the KV cache runs out, the newest running sequence is preempted: its blocks
 freed and it goes back to the front of the queue to be recomputed from its tokens so
 far (what of them is still cached is taken back, not recomputed). Sampling depends only
 on (seed, tokens so far), so the recompute gives the same tokens it would have.
+
+A request for n choices is admitted as its first choice alone. Once that one has computed
+the prompt (the step that samples its first token), the others fork from it: each takes
+its full prompt blocks by reference (block_manager.fork) and joins the queue's front to
+compute only the last, partial block (at least the last prompt token, whose logits give
+its first token). Forking after prefill rather than admitting copies that hit the prefix
+cache works with prefix caching off, cannot lose the blocks to eviction in between, and
+needs no copy of a half-written block nor n draws from one row of logits.
 """
 
 from collections import deque
@@ -79,8 +87,8 @@ class Scheduler:
         admit = self.num_preemptions == preemptions_before
         while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            # Its cached prefix comes for free: the budget pays for the rest.
-            cached = len(self.blocks.cached_prefix(seq)) * self.blocks.block_size
+            # Its cached (or forked) prefix comes for free: the budget pays for the rest.
+            cached = max(seq.num_computed, len(self.blocks.cached_prefix(seq)) * self.blocks.block_size)
             n = min(seq.num_tokens - cached, budget)
             if not self.blocks.can_start(seq, n):
                 break
@@ -128,6 +136,8 @@ class Scheduler:
                 continue
             seq.token_ids.append(tok)
             touched.append(seq)
+            if seq.followers:
+                self._fork(seq)
             p = seq.params
             if not p.ignore_eos and tok == eos_id:
                 self.finish(seq, "stop")
@@ -137,10 +147,23 @@ class Scheduler:
                 self.finish(seq, "length")
         return touched
 
+    def _fork(self, seq: Sequence) -> None:
+        """Start seq's other choices on its prompt's full blocks, ahead of the queue, in order."""
+        shared = (seq.num_prompt_tokens - 1) // self.blocks.block_size
+        for f in reversed(seq.followers):
+            self.blocks.fork(seq, f, shared)
+            self.waiting.appendleft(f)
+        seq.followers = []
+
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End seq now (done, stopped or cancelled) and give its blocks back."""
+        """End seq now (done, stopped or cancelled) and give its blocks back; choices still
+        waiting to fork from it end the same way."""
         if seq.status is Status.FINISHED:
             return
+        followers, seq.followers = seq.followers, []
+        for f in followers:
+            f.error = seq.error
+            self.finish(f, reason)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

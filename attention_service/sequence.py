@@ -1,6 +1,7 @@
 """One request's tokens and where they stand: what is cached, what is generated."""
 
 import enum
+import hashlib
 import itertools
 import time
 
@@ -15,9 +16,18 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request seeded with `seed`: choice 0 keeps it, so a
+    request's first choice is what the same request with n = 1 gives."""
+    if index == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()) >> 1
+
+
 class Sequence:
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, seed: int | None = None):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, seed: int | None = None, index: int = 0):
         self.seq_id = next(_ids)
+        self.index = index               # which of the request's n choices this is
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.params = params
@@ -25,7 +35,11 @@ class Sequence:
         # of (seed, tokens generated so far), so preemption and recompute change nothing.
         if seed is None:
             seed = hash((self.seq_id, time.time_ns()))
-        self.seed = params.seed if params.seed is not None else seed
+        self.seed = choice_seed(params.seed, index) if params.seed is not None else seed
+        # A request's choices, this one first (only the first holds them). The others wait
+        # in `followers` until this one has computed the prompt, then start on its blocks.
+        self.choices: list[Sequence] = [self]
+        self.followers: list[Sequence] = []
         self.num_computed = 0            # tokens whose K/V are in the cache
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []   # names of its full, computed blocks (prefix caching)

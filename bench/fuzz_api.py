@@ -66,7 +66,11 @@ _sampling = {
     "stop_token_ids": _field(st.lists(st.integers(-2, 32005) | _huge, max_size=70)),
     "ignore_eos": _field(st.booleans()), "stream": _field(st.booleans()),
     "stream_options": _field(st.fixed_dictionaries({"include_usage": st.booleans()})),
-    "n": _field(st.just(1)), "logprobs": _anything, "presence_penalty": _field(st.just(0)),
+    "n": _field(st.integers(-1, 3) | _huge), "logprobs": _anything,
+    "presence_penalty": _field(st.floats(-3, 3)), "frequency_penalty": _field(st.floats(-3, 3)),
+    "repetition_penalty": _field(st.floats(-1, 12)), "min_p": _field(st.floats(-0.5, 1.5)),
+    "logit_bias": _field(st.dictionaries(st.one_of(st.integers(-2, 32005).map(str), _text),
+                                         st.floats(-150, 150) | st.just(float("nan")), max_size=4) | _anything),
     "unknown_field": _anything,
 }
 
@@ -78,6 +82,7 @@ def openai_requests(draw) -> Probe:
     if chat:
         body["messages"] = draw(st.one_of(st.lists(_message, min_size=1, max_size=3), _anything))
         extra = {"tools": _anything, "tool_choice": _anything, "top_logprobs": _field(st.integers(0, 20)),
+                 "response_format": _field(st.sampled_from([{"type": "text"}, {"type": "json_object"}]) | _anything),
                  "max_completion_tokens": _field(_small_tokens)}
     else:
         body["prompt"] = draw(st.one_of(_prompt, _prompt, _anything))

@@ -9,11 +9,17 @@ What it measures
     exponential per vocabulary entry (what this engine did before). Both give each row's
     draw from its seed alone. Median of --repeats calls each, same logits.
 
+    Then penalties: the same sampler on 64 rows (temperature 0.8), each row holding a
+    512-token prompt and 128 generated tokens, with each kind alone (presence, frequency,
+    repetition, a 16-entry logit_bias, min_p) and all together, against the plain sampler
+    on the same logits in the same run; what each adds per step.
+
     For scale: a decode step of the `bench` model with 32 sequences takes about 21 ms on
     this machine's 2 cores (docs/benchmarks.md).
 
 Run
     .venv/bin/python -m bench.sampling            # a few seconds
+    .venv/bin/python -m bench.sampling --quick    # small shapes, one repeat: checks that it runs
 """
 
 from __future__ import annotations
@@ -52,6 +58,28 @@ def sorted_reference(logits: torch.Tensor, params: list[SamplingParams], seeds: 
     return (probs / noise).argmax(dim=-1)
 
 
+PENALTIES = {"presence": dict(presence_penalty=0.5), "frequency": dict(frequency_penalty=0.5),
+             "repetition": dict(repetition_penalty=1.2), "logit_bias": dict(logit_bias={t: 1.0 for t in range(16)}),
+             "min_p": dict(min_p=0.05)}
+PENALTIES["all"] = {k: v for kw in PENALTIES.values() for k, v in kw.items()}
+
+
+def penalties(logits: torch.Tensor, rows: int, prompt: int, output: int, repeats: int) -> None:
+    """Per-step cost of each penalty kind against the plain sampler, same logits."""
+    g = torch.Generator().manual_seed(1)
+    history = torch.randint(0, logits.shape[-1], (rows, prompt + output), generator=g).tolist()
+    prompt_lens, seeds, steps = [prompt] * rows, list(range(rows)), [output] * rows
+    plain = [SamplingParams(temperature=0.8)] * rows
+    base = median_ms(lambda: sample(logits[:rows].clone(), plain, seeds, steps), repeats)
+    print(f"sampling penalties rows={rows} plain: {base:.2f} ms")
+    for name, kw in PENALTIES.items():
+        params = [SamplingParams(temperature=0.8, **kw)] * rows
+        hist = (history, prompt_lens) if params[0].penalized else (None, None)
+        ms = median_ms(lambda: sample(logits[:rows].clone(), params, seeds, steps, *hist), repeats)
+        print(f"sampling penalties rows={rows} {name}: {ms:.2f} ms, plain {base:.2f} ms, "
+              f"adds {ms - base:.2f} ms, ratio {ms / base:.2f}x")
+
+
 def median_ms(fn, repeats: int) -> float:
     fn()
     times = []
@@ -67,7 +95,10 @@ def main() -> int:
     ap.add_argument("--rows", default="8,32,64", help="sampling rows per step (default 8,32,64)")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="small shapes and one repeat: checks that it runs")
     a = ap.parse_args()
+    if a.quick:
+        a.rows, a.vocab, a.repeats = "4", 2048, 1
     common.announce_machine("sampling")
     base = torch.randn(max(int(b) for b in a.rows.split(",")), a.vocab, generator=torch.Generator().manual_seed(0))
     for shape, scale in SHAPES.items():
@@ -81,6 +112,8 @@ def main() -> int:
                 ref = median_ms(lambda: sorted_reference(logits[:b], params, seeds, steps), a.repeats)
                 print(f"sampling {shape} rows={b} {name}: ours {ours:.2f} ms, sort-every-row {ref:.2f} ms, "
                       f"ratio {ref / ours:.1f}x")
+    rows = max(int(b) for b in a.rows.split(","))
+    penalties(base * SHAPES["peaked"], rows, 32 if a.quick else 512, 8 if a.quick else 128, a.repeats)
     return 0
 
 

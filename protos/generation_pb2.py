@@ -24,23 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/generation.proto\x12\x17moe_serve.generation.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8e\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x36\n\ttoken_ids\x18\x03 \x01(\x0b\x32!.moe_serve.generation.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x12\n\nrequest_id\x18\r \x01(\tB\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\xc6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12-\n\x05usage\x18\x05 \x01(\x0b\x32\x1e.moe_serve.generation.v1.Usage\x12\x37\n\x08logprobs\x18\x06 \x03(\x0b\x32%.moe_serve.generation.v1.TokenLogprob2o\n\nGeneration\x12\x61\n\x08Generate\x12(.moe_serve.generation.v1.GenerateRequest\x1a).moe_serve.generation.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/generation.proto\x12\x17moe_serve.generation.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe3\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x36\n\ttoken_ids\x18\x03 \x01(\x0b\x32!.moe_serve.generation.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x10 \x01(\x02H\t\x88\x01\x01\x12\x12\n\x05min_p\x18\x11 \x01(\x02H\n\x88\x01\x01\x12K\n\nlogit_bias\x18\x12 \x03(\x0b\x32\x37.moe_serve.generation.v1.GenerateRequest.LogitBiasEntry\x12\x0e\n\x01n\x18\x13 \x01(\x05H\x0b\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\x04\n\x02_n\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\xd5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12-\n\x05usage\x18\x05 \x01(\x0b\x32\x1e.moe_serve.generation.v1.Usage\x12\x37\n\x08logprobs\x18\x06 \x03(\x0b\x32%.moe_serve.generation.v1.TokenLogprob\x12\r\n\x05index\x18\x07 \x01(\x05\x32o\n\nGeneration\x12\x61\n\x08Generate\x12(.moe_serve.generation.v1.GenerateRequest\x1a).moe_serve.generation.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_TOKENIDS']._serialized_start=52
   _globals['_TOKENIDS']._serialized_end=75
   _globals['_GENERATEREQUEST']._serialized_start=78
-  _globals['_GENERATEREQUEST']._serialized_end=476
-  _globals['_USAGE']._serialized_start=478
-  _globals['_USAGE']._serialized_end=535
-  _globals['_TOKENLOGPROB']._serialized_start=537
-  _globals['_TOKENLOGPROB']._serialized_end=613
-  _globals['_GENERATERESPONSE']._serialized_start=616
-  _globals['_GENERATERESPONSE']._serialized_end=814
-  _globals['_GENERATION']._serialized_start=816
-  _globals['_GENERATION']._serialized_end=927
+  _globals['_GENERATEREQUEST']._serialized_end=817
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=604
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=652
+  _globals['_USAGE']._serialized_start=819
+  _globals['_USAGE']._serialized_end=876
+  _globals['_TOKENLOGPROB']._serialized_start=878
+  _globals['_TOKENLOGPROB']._serialized_end=954
+  _globals['_GENERATERESPONSE']._serialized_start=957
+  _globals['_GENERATERESPONSE']._serialized_end=1170
+  _globals['_GENERATION']._serialized_start=1172
+  _globals['_GENERATION']._serialized_end=1283
 # @@protoc_insertion_point(module_scope)

@@ -47,7 +47,8 @@ class GenerationServicer:
     """
 
     def Generate(self, request, context):
-        """Streams the completion as it is generated; the last response has finish_reason set.
+        """Streams the completion as it is generated; each choice's last response has
+        finish_reason set, and the stream ends after the last choice's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -84,6 +84,22 @@ def test_logprobs_and_defaults(served):
     assert [t for r in a for t in r.token_ids] == [t for r in b for t in r.token_ids]
 
 
+def test_choices_and_sampling_controls(served):
+    """n choices interleave, told apart by index; logit_bias and the penalties reach the sampler."""
+    stub, backend = served
+    out = collect(stub, text="Hello", max_tokens=5, temperature=0.9, seed=11, n=3, ignore_eos=True, logprobs=1,
+                  presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2, min_p=0.01)
+    per = {i: [t for r in out if r.index == i for t in r.token_ids] for i in range(3)}
+    assert all(len(v) == 5 for v in per.values()) and len({tuple(v) for v in per.values()}) == 3
+    assert sorted(r.index for r in out if r.finish_reason) == [0, 1, 2]
+    assert all(len(r.logprobs) == len(r.token_ids) for r in out)
+    one = collect(stub, text="Hello", max_tokens=5, temperature=0.9, seed=11, ignore_eos=True, presence_penalty=0.5,
+                  frequency_penalty=0.5, repetition_penalty=1.2, min_p=0.01)
+    assert [t for r in one for t in r.token_ids] == per[0]         # choice 0 is the n = 1 request
+    forced = collect(stub, text="Hello", max_tokens=4, temperature=0, ignore_eos=True, logit_bias={1234: 100.0})
+    assert [t for r in forced for t in r.token_ids] == [1234] * 4
+
+
 @pytest.mark.parametrize("fields,code,words", [
     ({"model": "gpt-4", "text": "hi"}, grpc.StatusCode.NOT_FOUND, "does not exist"),
     ({}, grpc.StatusCode.INVALID_ARGUMENT, "no prompt"),
@@ -96,6 +112,11 @@ def test_logprobs_and_defaults(served):
     ({"text": "hi", "temperature": float("nan")}, grpc.StatusCode.INVALID_ARGUMENT, "finite"),
     ({"text": "hi", "logprobs": 99}, grpc.StatusCode.INVALID_ARGUMENT, "logprobs"),
     ({"text": "hi", "stop": [""]}, grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+    ({"text": "hi", "n": 0}, grpc.StatusCode.INVALID_ARGUMENT, "n must be"),
+    ({"text": "hi", "n": 99}, grpc.StatusCode.INVALID_ARGUMENT, "n may be 16"),
+    ({"text": "hi", "presence_penalty": 3}, grpc.StatusCode.INVALID_ARGUMENT, "presence_penalty"),
+    ({"text": "hi", "repetition_penalty": 0}, grpc.StatusCode.INVALID_ARGUMENT, "repetition_penalty"),
+    ({"text": "hi", "logit_bias": {40000: 1.0}}, grpc.StatusCode.INVALID_ARGUMENT, "logit_bias token id"),
 ])
 def test_bad_input_is_refused_and_the_server_keeps_serving(served, fields, code, words):
     stub, _ = served

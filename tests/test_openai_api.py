@@ -200,7 +200,23 @@ def test_models_and_health(v1):
     ({"model": "tiny", "prompt": "hi", "temperature": -0.5}, 400, "temperature", ">= 0"),
     ({"model": "tiny", "prompt": "hi", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
     (b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', 400, "temperature", "finite"),
-    ({"model": "tiny", "prompt": "hi", "n": 2}, 400, "n", "not supported"),
+    ({"model": "tiny", "prompt": "hi", "n": 99}, 400, "n", "n may be 16 at most"),
+    ({"model": "tiny", "prompt": "hi", "best_of": 3}, 400, "best_of", "only best_of = n"),
+    ({"model": "tiny", "prompt": "hi", "echo": True}, 400, "echo", "not supported"),
+    ({"model": "tiny", "prompt": "hi", "typical_p": 0.5}, 400, "typical_p", "unknown field"),
+    ({"model": "tiny", "prompt": "hi", "tools": []}, 400, "tools", "unknown field"),
+    ({"model": "tiny", "prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty", "[-2, 2]"),
+    ({"model": "tiny", "prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias", "token ids"),
+    ({"model": "tiny", "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias", "[-100, 100]"),
+    ({"model": "tiny", "prompt": "hi", "logit_bias": {"32000": 1}}, 400, "logit_bias", "outside the vocabulary"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     400, "response_format", "not supported yet"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+     400, "tool_choice", "needs tools"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "guided_json": {}},
+     400, "guided_json", "unknown field"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": False},
+     400, "parallel_tool_calls", "not supported"),
     ({"model": "tiny", "prompt": [1, 32000]}, 400, "prompt", "outside the vocabulary"),
     ({"model": "tiny", "prompt": [], "max_tokens": 1}, 400, "prompt", "empty"),
     ({"model": "tiny", "prompt": "hi", "max_tokens": 65536}, 400, "prompt", "the model's context is 65536"),
@@ -253,8 +269,9 @@ def test_the_openai_client_sees_typed_errors(v1):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="nope", prompt="hi")
     assert e.value.body["code"] == "model_not_found"
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="tiny", prompt="hi", n=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="hi", n=2, best_of=3)
+    assert e.value.body["param"] == "best_of"
 
 
 def _idle(backend: LocalBackend, timeout: float = 10) -> bool:

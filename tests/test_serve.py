@@ -59,6 +59,14 @@ def test_completions_match_the_in_process_engine(app, local):
     chunks = list(client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=10, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
 
+    # n choices over the Serve handle: every one arrives, whole and streamed.
+    both = client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=10, temperature=0, n=2)
+    assert [c.text for c in both.choices] == [r.choices[0].text] * 2 and both.usage.completion_tokens == 20
+    chunks = list(client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=10, temperature=0, n=2,
+                                            stream=True))
+    for i in range(2):
+        assert "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) == r.choices[0].text
+
 
 def test_chat_streams_and_stops(app):
     _, _, _, client, model = app

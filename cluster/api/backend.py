@@ -83,10 +83,27 @@ def getter(backend: Backend | Callable[[], Backend]) -> Callable[[], Backend]:
     return (lambda: backend) if hasattr(backend, "stream") else backend
 
 
-def usage(d: Delta) -> dict:
-    """OpenAI's usage object from the counts on a (last) delta."""
-    return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
-            "total_tokens": d.prompt_tokens + d.completion_tokens}
+class Choices:
+    """What the replies of both routes track of a request's n choices: the latest counts of each."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.last: dict[int, Delta] = {}
+
+    def saw(self, d: Delta) -> None:
+        self.last[d.index] = d
+
+    def by_choice(self, deltas: list[Delta]) -> list[tuple[int, list[Delta]]]:
+        """A whole request's deltas, grouped by choice, in index order."""
+        for d in deltas:
+            self.saw(d)
+        return [(i, [d for d in deltas if d.index == i]) for i in sorted(self.last)]
+
+    def usage(self) -> dict:
+        """OpenAI's usage object: the prompt once, every choice's completion tokens."""
+        prompt = max((d.prompt_tokens for d in self.last.values()), default=0)
+        completion = sum(d.completion_tokens for d in self.last.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def token_text(tok: Tokenizer, token_id: int) -> str:
@@ -123,9 +140,8 @@ async def open_stream(backend: Backend, prompt_ids: list[int], params: SamplingP
 async def _chain(first: Delta, rest: AsyncIterator) -> AsyncIterator[Delta]:
     try:
         yield first
-        if first.finish_reason is None:
-            async for x in rest:
-                yield x
+        async for x in rest:         # ends after the last choice's last delta
+            yield x
     finally:
         await close_quietly(rest)
 

@@ -26,7 +26,7 @@ from mistral_common.tokens.tokenizers.base import SpecialTokens
 from attention_service.async_engine import Delta
 from attention_service.errors import RequestError
 from attention_service.tokenizer import Tokenizer
-from cluster.api.backend import token_text, usage
+from cluster.api.backend import Choices, token_text
 
 _CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
 _ALNUM = string.ascii_letters + string.digits
@@ -132,19 +132,21 @@ def parse_tool_calls(token_ids: list[int], text: str, marker: int | None) -> lis
     return out
 
 
-class ChatReply:
-    """The /v1/chat/completions response, whole or as stream chunks.
+class ChatReply(Choices):
+    """The /v1/chat/completions response, whole or as stream chunks, one choice per index.
 
     Output that begins with `[TOOL_CALLS]` is held back while streaming (a half-written
     JSON call is of no use to a client) and sent as one `tool_calls` delta at the end.
     """
 
-    def __init__(self, model: str, tok: Tokenizer, tools: list | None, tool_choice: Any, logprobs: bool):
+    def __init__(self, model: str, tok: Tokenizer, tools: list | None, tool_choice: Any, logprobs: bool,
+                 n: int = 1):
+        super().__init__(n)
         self.model, self.tok, self.want_logprobs = model, tok, logprobs
         self.marker = tool_calls_token(tok) if tools and tool_choice != "none" else None
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        self.held: list[Delta] | None = None
-        self.decided = False      # whether the first token has been seen
+        self.held: dict[int, list[Delta]] = {}    # per choice, once its first token is the marker
+        self.decided: set[int] = set()            # choices whose first token has been seen
 
     def envelope(self, choices: list, object: str = "chat.completion.chunk", **extra) -> dict:
         return {"id": self.id, "object": object, "created": self.created, "model": self.model,
@@ -169,33 +171,37 @@ class ChatReply:
         return {"role": "assistant", "content": text}, deltas[-1].finish_reason
 
     def whole(self, deltas: list[Delta]) -> dict:
-        msg, finish = self.message(deltas)
-        choice = {"index": 0, "message": msg, "finish_reason": finish, "logprobs": self.logprobs(deltas)}
-        return self.envelope([choice], "chat.completion", usage=usage(deltas[-1]))
+        choices = []
+        for index, mine in self.by_choice(deltas):
+            msg, finish = self.message(mine)
+            choices.append({"index": index, "message": msg, "finish_reason": finish, "logprobs": self.logprobs(mine)})
+        return self.envelope(choices, "chat.completion", usage=self.usage())
 
     def opening(self) -> list[dict]:
-        return [self.envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                "finish_reason": None, "logprobs": None}])]
+        return [self.envelope([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None, "logprobs": None}]) for i in range(self.n)]
 
     def chunks(self, d: Delta) -> list[dict]:
-        if not self.decided and d.token_ids:
-            self.decided = True
+        self.saw(d)
+        i = d.index
+        if i not in self.decided and d.token_ids:
+            self.decided.add(i)
             if self.marker is not None and d.token_ids[0] == self.marker:
-                self.held = []
-        if self.held is not None:
-            self.held.append(d)
+                self.held[i] = []
+        if i in self.held:
+            self.held[i].append(d)
             if d.finish_reason is None:
                 return []
-            msg, finish = self.message(self.held)
+            msg, finish = self.message(self.held[i])
             delta = ({"tool_calls": [{"index": k, **c} for k, c in enumerate(msg["tool_calls"])]}
                      if "tool_calls" in msg else {"content": msg["content"]})
-            return [self.envelope([{"index": 0, "delta": delta, "finish_reason": finish,
-                                    "logprobs": self.logprobs(self.held)}])]
+            return [self.envelope([{"index": i, "delta": delta, "finish_reason": finish,
+                                    "logprobs": self.logprobs(self.held[i])}])]
         lp = self.logprobs([d])
         if not d.text and d.finish_reason is None and lp is None:
             return []
-        return [self.envelope([{"index": 0, "delta": {"content": d.text} if d.text else {},
+        return [self.envelope([{"index": i, "delta": {"content": d.text} if d.text else {},
                                 "finish_reason": d.finish_reason, "logprobs": lp}])]
 
-    def usage_chunk(self, last: Delta) -> dict:
-        return self.envelope([], usage=usage(last))
+    def usage_chunk(self) -> dict:
+        return self.envelope([], usage=self.usage())

@@ -7,29 +7,30 @@ import uuid
 
 from attention_service.async_engine import Delta
 from attention_service.tokenizer import Tokenizer
-from cluster.api.backend import token_text, usage
+from cluster.api.backend import Choices, token_text
 
 
-class CompletionReply:
-    """The /v1/completions response, whole or as stream chunks."""
+class CompletionReply(Choices):
+    """The /v1/completions response, whole or as stream chunks, one choice per index."""
 
-    def __init__(self, model: str, tok: Tokenizer, logprobs: bool):
+    def __init__(self, model: str, tok: Tokenizer, logprobs: bool, n: int = 1):
+        super().__init__(n)
         self.model, self.tok, self.want_logprobs = model, tok, logprobs
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        self.offset = 0          # text_offset of the next token, in characters of the completion
+        self.offset = [0] * n    # per choice: text_offset of its next token, in characters of its text
 
     def envelope(self, choices: list, **extra) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def logprobs(self, ids: list[int], lps: list | None) -> dict | None:
+    def logprobs(self, index: int, ids: list[int], lps: list | None) -> dict | None:
         if not self.want_logprobs or lps is None:
             return None
         toks = [token_text(self.tok, t) for t in ids]
         offsets = []
         for t in toks:
-            offsets.append(self.offset)
-            self.offset += len(t)
+            offsets.append(self.offset[index])
+            self.offset[index] += len(t)
         return {"tokens": toks, "token_logprobs": [lp for lp, _ in lps],
                 "top_logprobs": [{token_text(self.tok, i): v for i, v in alts} for _, alts in lps],
                 "text_offset": offsets}
@@ -38,16 +39,20 @@ class CompletionReply:
         return []
 
     def chunks(self, d: Delta) -> list[dict]:
-        lp = self.logprobs(d.token_ids, d.logprobs)
+        self.saw(d)
+        lp = self.logprobs(d.index, d.token_ids, d.logprobs)
         if not d.text and d.finish_reason is None and lp is None:
             return []
-        return [self.envelope([{"index": 0, "text": d.text, "finish_reason": d.finish_reason, "logprobs": lp}])]
+        return [self.envelope([{"index": d.index, "text": d.text, "finish_reason": d.finish_reason, "logprobs": lp}])]
 
-    def usage_chunk(self, last: Delta) -> dict:
-        return self.envelope([], usage=usage(last))
+    def usage_chunk(self) -> dict:
+        return self.envelope([], usage=self.usage())
 
     def whole(self, deltas: list[Delta]) -> dict:
-        lp = self.logprobs([t for d in deltas for t in d.token_ids], [x for d in deltas for x in d.logprobs or []])
-        choice = {"index": 0, "text": "".join(d.text for d in deltas), "finish_reason": deltas[-1].finish_reason,
-                  "logprobs": lp}
-        return self.envelope([choice], usage=usage(deltas[-1]))
+        choices = []
+        for index, mine in self.by_choice(deltas):
+            lp = self.logprobs(index, [t for d in mine for t in d.token_ids],
+                               [x for d in mine for x in d.logprobs or []])
+            choices.append({"index": index, "text": "".join(d.text for d in mine),
+                            "finish_reason": mine[-1].finish_reason, "logprobs": lp})
+        return self.envelope(choices, usage=self.usage())

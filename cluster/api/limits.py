@@ -35,12 +35,17 @@ class RequestLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_stop: int = 16
     max_stop_chars: int = 512
     max_stop_token_ids: int = 64
+    # Choices per request (n): each is a sequence of its own once the prompt is computed.
+    max_n: int = 16
+    # logit_bias entries: each is one scattered add on every step.
+    max_logit_bias: int = 300
     # Seconds that 429 (queue full) and 503 (no replica to serve it) answers ask clients to
     # wait before retrying (Retry-After).
     retry_after_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "default_max_tokens", "max_stop", "max_stop_chars", "max_stop_token_ids"):
+        for name in ("max_body_bytes", "default_max_tokens", "max_stop", "max_stop_chars", "max_stop_token_ids",
+                     "max_n", "max_logit_bias"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"limits.{name} must be at least 1, got {getattr(self, name)}")
         if not self.retry_after_s >= 0:
@@ -76,6 +81,11 @@ def check_params(params: SamplingParams, limits: RequestLimits, vocab_size: int)
     """The bounds SamplingParams does not know: they depend on the server's limits and vocabulary."""
     if params.seed is not None and not -_INT64 <= params.seed < 2 * _INT64:
         raise RequestError(f"seed must fit in 64 bits, got {params.seed}", "seed")
+    if params.n > limits.max_n:
+        raise RequestError(f"n may be {limits.max_n} at most, got {params.n}", "n")
+    if len(params.logit_bias) > limits.max_logit_bias:
+        raise RequestError(f"at most {limits.max_logit_bias} logit_bias entries, got {len(params.logit_bias)}",
+                           "logit_bias")
     if len(params.stop) > limits.max_stop:
         raise RequestError(f"at most {limits.max_stop} stop strings, got {len(params.stop)}", "stop")
     long = next((s for s in params.stop if len(s) > limits.max_stop_chars), None)

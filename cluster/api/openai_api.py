@@ -36,13 +36,9 @@ from cluster.api.backend import Backend, close_quietly, getter, open_stream
 from cluster.api.completion import CompletionReply
 from cluster.api.http_guard import HttpGuard
 from cluster.api.limits import check_unicode, default_max_tokens, limits_of
+from cluster.api.request_fields import check_defaults, logit_bias, refuse_structured_output
 
 log = logging.getLogger(__name__)
-
-# Accepted for compatibility, but only at their defaults: anything else would silently differ.
-_ONLY_DEFAULT = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
-                 "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {})}
-
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -72,9 +68,10 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    # Unknown OpenAI fields are ignored, as OpenAI does. Python's json reads NaN and 1e999:
-    # SamplingParams refuses them, the one finiteness check for both front doors.
-    model_config = ConfigDict(extra="allow")
+    # An unknown field is refused, never ignored: a client that sends one expects an effect.
+    # Python's json reads NaN and 1e999: SamplingParams refuses them, the one finiteness
+    # check for both front doors.
+    model_config = ConfigDict(extra="forbid")
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
@@ -86,6 +83,21 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False                   # extension
     stream: bool = False
     stream_options: StreamOptions | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None    # extension
+    min_p: float | None = None                 # extension
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    safety_identifier: Any = None
+    prompt_cache_key: Any = None               # prefix caching is automatic
+    prompt_cache_retention: Any = None
+    prompt_cache_options: Any = None
+    moderation: Any = None
 
     @model_validator(mode="before")
     @classmethod
@@ -97,6 +109,9 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
 
 
 class ChatRequest(_Sampling):
@@ -106,6 +121,16 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    functions: Any = None
+    function_call: Any = None
 
 
 def build_openai_app(backend: Backend | Callable[[], Backend]) -> FastAPI:
@@ -176,20 +201,26 @@ def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
                 raise APIError(400, "batched prompts are not supported: send one prompt per request", "prompt")
             p = p[0]
         ids = b.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        if req.best_of is not None and req.best_of != (req.n or 1):
+            raise APIError(400, f"best_of={req.best_of} is not supported: only best_of = n (every choice "
+                           "generated is returned)", "best_of")
         params = _params(req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs)
-        reply = CompletionReply(b.model_name, b.tokenizer, req.logprobs is not None)
+        reply = CompletionReply(b.model_name, b.tokenizer, req.logprobs is not None, params.n)
         return await _respond(request, b, req, ids, params, reply)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         b = get_backend()
         req = await _parse(request, ChatRequest, b)
+        if req.tool_choice not in (None, "none", "auto") and not req.tools:
+            raise APIError(400, f"tool_choice {req.tool_choice!r} needs tools", "tool_choice")
+        refuse_structured_output(req)
         ids = chat.chat_prompt(b.tokenizer, req.messages, req.tools, req.tool_choice)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         lps = (req.top_logprobs or 0) if req.logprobs else None
         default = default_max_tokens(limits_of(b), b.max_model_len, ids)
         params = _params(req, limit if limit is not None else default, lps)
-        reply = chat.ChatReply(b.model_name, b.tokenizer, req.tools, req.tool_choice, req.logprobs)
+        reply = chat.ChatReply(b.model_name, b.tokenizer, req.tools, req.tool_choice, req.logprobs, params.n)
         return await _respond(request, b, req, ids, params, reply)
 
 
@@ -210,13 +241,13 @@ async def _parse(request: Request, model: type[_Sampling], backend: Backend) -> 
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err["loc"][:1]) or None
+        if err["type"] == "extra_forbidden":
+            raise APIError(400, f"unknown field {field!r}: this server does not support it", field) from None
         raise APIError(400, f"{field or 'body'}: {err['msg']}", field) from None
     if req.model != backend.model_name:
         raise APIError(404, f"model {req.model!r} does not exist; this server serves {backend.model_name!r}",
                        "model", "model_not_found")
-    for name, allowed in _ONLY_DEFAULT.items():
-        if getattr(req, name, None) not in allowed:
-            raise APIError(400, f"{name}={getattr(req, name)!r} is not supported (only {allowed[1]!r})", name)
+    check_defaults(req)
     return req
 
 
@@ -225,7 +256,11 @@ def _params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingPa
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, top_k=req.top_k or 0,
         stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
-        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs)
+        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
+        n=1 if req.n is None else req.n, presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        min_p=req.min_p or 0.0, logit_bias=logit_bias(req.logit_bias))
 
 
 # The engine's parameter names, as a chat request spells them.
@@ -263,9 +298,9 @@ async def _respond(request: Request, b: Backend, req: _Sampling, ids: list[int],
         raise APIError(500, f"generation failed: {e}", type="server_error") from None
     if deltas is None:
         return Response(status_code=499)       # nobody is listening; the request was cancelled
-    last = deltas[-1]
-    if last.finish_reason == "error":
-        raise _failure(last, limits_of(b).retry_after_s)
+    failed = next((d for d in deltas if d.finish_reason == "error"), None)
+    if failed is not None:
+        raise _failure(failed, limits_of(b).retry_after_s)
     return JSONResponse(reply.whole(deltas))
 
 
@@ -322,7 +357,7 @@ async def _sse(stream: AsyncIterator[Delta], reply: CompletionReply | chat.ChatR
                 for chunk in reply.chunks(d):
                     yield event(chunk)
             if with_usage and last is not None and last.finish_reason != "error":
-                yield event(reply.usage_chunk(last))
+                yield event(reply.usage_chunk())
         except Unavailable as e:   # the engine's replica went away mid-stream
             log.warning("stream broken: %s", e)
             yield event(APIError.unavailable(e).body())

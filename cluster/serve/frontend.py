@@ -91,13 +91,16 @@ class ServeBackend:
             raise Unavailable("no attention replica is running; Serve is starting one", self.limits.retry_after_s)
         gen = self.attention.generate.remote(prompt_ids, params, trace or None)
         done = False
+        left = params.n                # the stream ends after every choice's last delta
         try:
             first = await self._first(gen)
-            done = first.finish_reason is not None
+            left -= first.finish_reason is not None
+            done = left == 0
             yield first
             if not done:
                 async for delta in gen:
-                    done = delta.finish_reason is not None
+                    left -= delta.finish_reason is not None
+                    done = left == 0
                     yield delta
         except BackPressureError:
             raise Overloaded("server busy: the queue for attention replicas is full; retry later",

@@ -1,0 +1,56 @@
+"""What becomes of the OpenAI request fields that are not plain sampling parameters.
+
+No field is ignored silently (docs/api.md lists them all): the request models refuse
+unknown ones; the fields below are accepted only where they change nothing, or, for the
+ones clients send by default and that mean nothing to this server, accepted and ignored.
+Refusals are `RequestError`s, so a 400 that names the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attention_service.errors import RequestError
+
+# Accepted only at these values: anything else would silently differ.
+ONLY_DEFAULT = {"echo": (None, False), "suffix": (None, ""), "modalities": (None, ["text"]),
+                "parallel_tool_calls": (None, True), "audio": (None,), "prediction": (None,),
+                "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,),
+                "functions": (None,), "function_call": (None,)}
+# Sent by clients by default and meaningless here (nothing is stored, there is one service
+# tier, prefixes are cached on their own): accepted and ignored.
+IGNORED = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+           "prompt_cache_retention", "prompt_cache_options", "moderation")
+
+
+def check_defaults(req: Any) -> None:
+    """Refuse a field of ONLY_DEFAULT set to anything but its default."""
+    for name, allowed in ONLY_DEFAULT.items():
+        if getattr(req, name, None) not in allowed:
+            only = f" (only {allowed[1]!r})" if len(allowed) > 1 else ""
+            raise RequestError(f"{name}={getattr(req, name)!r} is not supported{only}", name)
+
+
+def refuse_structured_output(req: Any) -> None:
+    """Structured output is not built yet: refused here, rather than ignored, until it is.
+
+    Constrained decoding lifts these: response_format json_object / json_schema, and
+    tool_choice "required" or a named function (unknown fields such as guided_json are
+    refused by the request model)."""
+    kind = (req.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise RequestError(f"response_format type {kind!r} is not supported yet (only 'text')", "response_format")
+    if req.tool_choice == "required" or isinstance(req.tool_choice, dict):
+        raise RequestError(f"tool_choice {req.tool_choice!r} is not enforced yet: use 'auto' or 'none'",
+                           "tool_choice")
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias, whose token ids are JSON keys (strings), as SamplingParams takes it."""
+    out = {}
+    for k, v in (bias or {}).items():
+        try:
+            out[int(k)] = v
+        except ValueError:
+            raise RequestError(f"logit_bias keys must be token ids, got {k!r}", "logit_bias") from None
+    return out
