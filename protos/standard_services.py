@@ -32,12 +32,25 @@ def is_open(method: str) -> bool:
     return method.split("/")[1] in OPEN_SERVICES if method.count("/") == 2 else False
 
 
+class _Servicer(HealthServicer):
+    """grpcio-health-checking's servicer (Check, Watch) with the protocol's List as well."""
+
+    def __init__(self, health: Health):
+        super().__init__()
+        self._health = health
+
+    async def List(self, request: health_pb2.HealthListRequest, context) -> health_pb2.HealthListResponse:
+        now = health_pb2.HealthCheckResponse(status=self._health.status)
+        return health_pb2.HealthListResponse(statuses={name: now for name in self._health.services})
+
+
 class Health:
     """A server's health service, SERVING for "" and each of its services until `shut_down`."""
 
     def __init__(self, services: list[str]):
         self.services = ["", *services]
-        self.servicer = HealthServicer()
+        self.status = SERVING
+        self.servicer = _Servicer(self)
 
     async def start(self) -> None:
         """Report SERVING for every name (the servicer starts with "" only)."""
@@ -46,6 +59,7 @@ class Health:
 
     async def shut_down(self) -> None:
         """NOT_SERVING for every name, for good: the server is draining (watchers hear it at once)."""
+        self.status = NOT_SERVING
         await self.servicer.enter_graceful_shutdown()
 
 

@@ -52,6 +52,11 @@ def reflected(channel, service: str, method: str):
     return call, request
 
 
+def listed(channel) -> dict[str, int]:
+    answer = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(), timeout=10)
+    return {name: r.status for name, r in answer.statuses.items()}
+
+
 def services(channel) -> set[str]:
     return set(ProtoReflectionDescriptorDatabase(channel).get_services())
 
@@ -61,6 +66,7 @@ def test_a_shard_process_speaks_health_and_reflection_and_goes_not_serving_as_it
     with running_shards(tiny_ckpt, [[0, 3]], layers=[1]) as (shard,):
         with grpc.insecure_channel(shard.address) as ch:
             assert check(ch, "") == check(ch, EXPERT) == SERVING
+            assert listed(ch) == {"": SERVING, EXPERT: SERVING}
             with pytest.raises(grpc.RpcError) as unknown:
                 check(ch, GENERATION)
             assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
@@ -133,6 +139,7 @@ def test_front_door_health_follows_every_group_having_a_live_replica(front_door,
     ch, transport, shard = front_door
     stub = health_pb2_grpc.HealthStub(ch)
     assert check(ch, "") == check(ch, GENERATION) == SERVING
+    assert listed(ch) == {"": SERVING, GENERATION: SERVING}
     with pytest.raises(grpc.RpcError) as unknown:
         check(ch, EXPERT)
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
@@ -144,7 +151,7 @@ def test_front_door_health_follows_every_group_having_a_live_replica(front_door,
         assert next(watch).status == SERVING
         _run(loop, _set_replicas(transport, 0, []))      # the group's last replica is gone
         assert next(watch).status == NOT_SERVING
-        assert check(ch, "") == NOT_SERVING
+        assert check(ch, "") == NOT_SERVING and listed(ch) == {"": NOT_SERVING, GENERATION: NOT_SERVING}
         _run(loop, _set_replicas(transport, 0, [shard.address]))
         assert next(watch).status == SERVING
     finally:

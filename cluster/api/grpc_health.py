@@ -6,11 +6,11 @@ every expert group. Liveness stays HTTP `GET /health`: a front door that answers
 even while an expert group is away, and restarting it would not bring the group back.
 Other names are NOT_FOUND on Check and SERVICE_UNKNOWN on Watch, as the protocol says.
 
-Check asks the backend once. Watch asks every `poll_s` seconds and writes only when the
+Check (and List, every name at once) asks the backend once. Watch asks every `poll_s` seconds and writes only when the
 answer changes, so a watcher hears NOT_SERVING within about a second of the app losing its
 last attention replica or a group its last expert replica. The logic is served from a
 plain grpc.aio server (`FrontDoorHealth`, beside `start_grpc_server`) and from the Serve
-ingress, whose Check and Watch methods Serve's gRPC proxy calls
+ingress, whose Check, List and Watch methods Serve's gRPC proxy calls
 (cluster/api/grpc_register.py registers the service there).
 """
 
@@ -52,6 +52,12 @@ async def status(backend: Backend, service: str) -> int:
     return SERVING if ok else NOT_SERVING
 
 
+async def statuses(backend: Backend) -> health_pb2.HealthListResponse:
+    """List's answer: every name this server reports, from one readiness check."""
+    now = health_pb2.HealthCheckResponse(status=await status(backend, ""))
+    return health_pb2.HealthListResponse(statuses={name: now for name in SERVICES})
+
+
 async def watch(get_backend: Callable[[], Backend], service: str, poll_s: float = POLL_S
                 ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
     """The current status at once, then each change, until the caller goes away."""
@@ -75,6 +81,9 @@ class FrontDoorHealth(health_pb2_grpc.HealthServicer):
         if now == SERVICE_UNKNOWN:
             await context.abort(grpc.StatusCode.NOT_FOUND, unknown(request.service))
         return health_pb2.HealthCheckResponse(status=now)
+
+    async def List(self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext):
+        return await statuses(self._get())
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):
         async for response in watch(self._get, request.service, self.poll_s):

@@ -7,7 +7,7 @@ engine), so a proxy stays small. Its request parser hands a request that does no
 method answers with INVALID_ARGUMENT: a parser that raised would make gRPC answer UNKNOWN.
 
 `add_health_servicer` registers the standard `grpc.health.v1.Health` the same way: in
-Serve's proxy its calls go to the ingress's Check and Watch (cluster/api/grpc_health.py),
+Serve's proxy its calls go to the ingress's Check, List and Watch (cluster/api/grpc_health.py),
 like Generate's. Serve 2.60's proxy offers server reflection itself (`grpc_options.
 enable_reflection`, on by default), listing what these functions registered.
 """
@@ -45,5 +45,5 @@ def add_generation_servicer(servicer, server) -> None:
 
 
 def add_health_servicer(servicer, server) -> None:
-    """Register grpc.health.v1.Health/Check and /Watch on a gRPC server (a plain one, or Serve's proxy)."""
+    """Register grpc.health.v1.Health (Check, List, Watch) on a gRPC server (a plain one, or Serve's proxy)."""
     add_HealthServicer_to_server(servicer, server)

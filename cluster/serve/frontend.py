@@ -10,7 +10,7 @@ Retry-After instead of waiting in the handle's queue until Serve has started a n
 a full queue (Serve's max_queued_requests) is 429; a replica that dies mid-stream ends
 the stream with an error event (gRPC: UNAVAILABLE) instead of silence. /ready reports the
 directory's view: an attention replica alive that reaches every expert group, each with a
-live replica; the gRPC health service (Check, Watch: cluster/api/grpc_health.py) says the same.
+live replica; the gRPC health service (Check, List, Watch: cluster/api/grpc_health.py) says the same.
 """
 
 import asyncio
@@ -194,6 +194,10 @@ class Frontend:
                 grpc_context.set_details(grpc_health.unknown(request.service))
             raise grpc_api.RpcError(grpc.StatusCode.NOT_FOUND, grpc_health.unknown(request.service))
         return HealthCheckResponse(status=status)
+
+    async def List(self, request, grpc_context=None):
+        """gRPC grpc.health.v1.Health/List: every name the front door reports."""
+        return await grpc_health.statuses(self.backend)
 
     async def Watch(self, request, grpc_context=None):
         """gRPC grpc.health.v1.Health/Watch: the status now, then each change."""
