@@ -6,7 +6,8 @@ can reach its port could feed it batches as large as its message cap. With a tok
 every call must carry it in the `x-moe-serve-token` metadata (protos/shard_access.py);
 one without it ends UNAUTHENTICATED before its request is read. The standard health and
 reflection services are open (protos/standard_services.py: probes send no metadata).
-Tokens are compared in constant time and never logged. `listen` binds the port, TLS or plain, as access says.
+Tokens are compared in constant time and never logged. `listen` binds the port, TLS or
+plain, as access says.
 """
 
 from __future__ import annotations

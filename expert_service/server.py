@@ -3,14 +3,15 @@
 Hidden rows and outputs go through the codec's fast path: requests are parsed by
 `codec.unpack` (tensors viewed in place in the received bytes) and responses are
 `codec.pack`ed bytes handed to gRPC as they are. Info and Health are small and use the
-generated message classes. Beside ExpertShard the server offers the standard gRPC health
-service (`grpc.health.v1.Health`: "" and the ExpertShard service SERVING, NOT_SERVING from
-the moment a drain begins) and server reflection (protos/standard_services.py), so
-Kubernetes probes and grpcurl need no .proto. The older ExpertShard.Health RPC stays for
-callers of revision 1 and says the same (DRAINING). Between the bytes and the math a DeviceCopier moves the rows
+generated message classes. Between the bytes and the math a DeviceCopier moves the rows
 to the shard's device and the results back (on CUDA through pinned buffers on a copy
 stream, overlapping the previous batch's compute). Rows may arrive in the compute dtype
 or as fp8 with a scale per row (protos/wire_fp8.py); results go back in the compute dtype.
+
+Beside ExpertShard the server offers the standard `grpc.health.v1.Health` ("" and the
+ExpertShard service: SERVING, then NOT_SERVING from the moment a drain begins) and server
+reflection (protos/standard_services.py), so Kubernetes probes and grpcurl need no .proto.
+The older ExpertShard.Health RPC stays for callers of revision 1 and says the same (DRAINING).
 
 Compute runs on one dedicated thread. torch releases the GIL inside its kernels, so the
 event loop keeps receiving and validating the next batches meanwhile, and torch's own

@@ -10,7 +10,8 @@ Retry-After instead of waiting in the handle's queue until Serve has started a n
 a full queue (Serve's max_queued_requests) is 429; a replica that dies mid-stream ends
 the stream with an error event (gRPC: UNAVAILABLE) instead of silence. /ready reports the
 directory's view: an attention replica alive that reaches every expert group, each with a
-live replica; the gRPC health service (Check, List, Watch: cluster/api/grpc_health.py) says the same.
+live replica; the gRPC health service (Check, List, Watch: cluster/api/grpc_health.py)
+says the same.
 """
 
 import asyncio
