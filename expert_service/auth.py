@@ -4,8 +4,10 @@ certificate) get through.
 A shard holds the model's weights and computes whatever arrives: unguarded, anyone who
 can reach its port could feed it batches as large as its message cap. With a token set,
 every call must carry it in the `x-moe-serve-token` metadata (protos/shard_access.py);
-one without it ends UNAUTHENTICATED before its request is read. Tokens are compared in
-constant time and never logged. `listen` binds the port, TLS or plain, as access says.
+one without it ends UNAUTHENTICATED before its request is read. The standard health and
+reflection services are open (protos/standard_services.py: probes send no metadata).
+Tokens are compared in constant time and never logged. `listen` binds the port, TLS or
+plain, as access says.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import grpc
 
 from protos.shard_access import TOKEN_KEY, ShardAccess, server_credentials
+from protos.standard_services import is_open
 
 log = logging.getLogger("moe-serve.expert")
 
@@ -29,7 +32,7 @@ async def _refuse_stream(request_iterator, context: grpc.aio.ServicerContext):
 
 
 class TokenCheck(grpc.aio.ServerInterceptor):
-    """Refuses every call whose metadata lacks the token."""
+    """Refuses every call whose metadata lacks the token, but those to the open services."""
 
     def __init__(self, token: str):
         self._token = token.encode()
@@ -37,8 +40,8 @@ class TokenCheck(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         given = next((v for k, v in details.invocation_metadata or () if k == TOKEN_KEY), None)
-        if given is not None and hmac.compare_digest(given.encode() if isinstance(given, str) else given,
-                                                     self._token):
+        if is_open(details.method) or given is not None and hmac.compare_digest(
+                given.encode() if isinstance(given, str) else given, self._token):
             return await continuation(details)
         self.refused += 1
         if self.refused in (1, 10, 100, 1000) or self.refused % 10000 == 0:

@@ -8,6 +8,11 @@ to the shard's device and the results back (on CUDA through pinned buffers on a 
 stream, overlapping the previous batch's compute). Rows may arrive in the compute dtype
 or as fp8 with a scale per row (protos/wire_fp8.py); results go back in the compute dtype.
 
+Beside ExpertShard the server offers the standard `grpc.health.v1.Health` ("" and the
+ExpertShard service: SERVING, then NOT_SERVING from the moment a drain begins) and server
+reflection (protos/standard_services.py), so Kubernetes probes and grpcurl need no .proto.
+The older ExpertShard.Health RPC stays for callers of revision 1 and says the same (DRAINING).
+
 Compute runs on one dedicated thread. torch releases the GIL inside its kernels, so the
 event loop keeps receiving and validating the next batches meanwhile, and torch's own
 intra-op threads already use every core: a second compute thread would only make two
@@ -41,6 +46,7 @@ from protos import expert_pb2 as pb
 from protos.channel import DEFAULT_MAX_MESSAGE_BYTES, FORWARD, FORWARD_STREAM, REVISION, SERVICE, channel_options  # noqa: F401
 from protos.device_copy import DeviceCopier
 from protos.shard_access import ShardAccess
+from protos.standard_services import Health, add_standard_services
 from protos.wire_fp8 import E4M3, dequantize_rows
 from router.dispatch import group_pairs
 
@@ -282,18 +288,20 @@ class ExpertShardServicer:
 
 
 class ShardServer:
-    """A running shard: the grpc.aio server and the servicer behind it."""
+    """A running shard: the grpc.aio server, the servicer behind it and its health service."""
 
-    def __init__(self, server: grpc.aio.Server, servicer: ExpertShardServicer, address: str):
-        self.server, self.servicer, self.address = server, servicer, address
+    def __init__(self, server: grpc.aio.Server, servicer: ExpertShardServicer, address: str, health: Health):
+        self.server, self.servicer, self.address, self.health = server, servicer, address, health
 
     async def drain(self, grace: float = 10.0) -> None:
-        """Report DRAINING, let in-flight batches finish (up to grace seconds), then stop.
+        """Report DRAINING (NOT_SERVING on the health service), let in-flight batches finish
+        (up to grace seconds), then stop.
 
         Batches that still arrive meanwhile are served: a sender that has not yet seen
         DRAINING gets its answer rather than an error. gRPC's own stop then refuses new
         calls and gives open ones another grace seconds before cancelling them."""
         self.servicer.draining = True
+        await self.health.shut_down()
         log.info("draining %s (%d batches in flight)", self.address, self.servicer.inflight)
         if not await self.servicer.wait_idle(grace):
             log.warning("%d batches still in flight after %.1fs; stopping anyway", self.servicer.inflight, grace)
@@ -302,6 +310,8 @@ class ShardServer:
         log.info("stopped %s", self.address)
 
     async def stop(self, grace: float | None = None) -> None:
+        self.servicer.draining = True
+        await self.health.shut_down()
         await self.server.stop(grace)
         self.servicer.close()
 
@@ -345,6 +355,7 @@ async def serve(model_dir: str | Path, experts: list[int], layers: list[int] | N
     server = grpc.aio.server(options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)],
                              interceptors=auth.interceptors(access))
     server.add_generic_rpc_handlers([servicer.handler()])
+    health = await add_standard_services(server, [SERVICE])
     try:
         bound = auth.listen(server, _host_port(host, port), access)
     except RuntimeError as e:
@@ -357,4 +368,4 @@ async def serve(model_dir: str | Path, experts: list[int], layers: list[int] | N
     log.info("expert shard %s serving %d (layer, expert) pairs, experts %s, layers %s, %s on %s, on %s%s",
              shard_id, len(pairs), _ids(experts), _ids(layers), _name(torch_dtype), device, address,
              " (echo: no compute)" if echo else "")
-    return ShardServer(server, servicer, address), bound
+    return ShardServer(server, servicer, address, health), bound

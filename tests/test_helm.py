@@ -347,6 +347,25 @@ def test_workers_are_probed_through_health_and_ready_and_the_head_is_left_to_kub
         assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 1800
 
 
+def test_readiness_can_probe_the_grpc_door_with_the_kubelets_own_grpc_check(helm):
+    docs = render(helm, "--set", "probes.readiness.grpc=true", "--set", "ports.grpc=9100",
+                  "--set", "serve.config.grpc_port=9100")
+    cluster = docs["RayService"]["spec"]["rayClusterConfig"]
+    for g in cluster["workerGroupSpecs"]:
+        (c,) = g["template"]["spec"]["containers"]
+        probe = c["readinessProbe"]
+        assert probe["grpc"] == {"port": 9100, "service": "moe_serve.generation.v1.Generation"}
+        assert "httpGet" not in probe and "grpc" not in c["livenessProbe"] and probe["periodSeconds"] == 5
+    crds = kuberay_crds()
+    if crds is not None:
+        validator = jsonschema.Draft7Validator(crd_schema(crds, "RayService"))
+        assert list(validator.iter_errors(docs["RayService"])) == []
+    for version in KUBE_VERSIONS:
+        (t := cluster["workerGroupSpecs"][0]["template"])
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ray", **t["metadata"]},
+                                      "spec": t["spec"]}, version, strict=True)
+
+
 def test_expert_groups_start_with_two_replicas_each(rendered):
     cfg = app_config.decode(serve_config(rendered["default"])["applications"][0]["args"])
     assert [g.replicas for g in cfg.expert_groups] == [2, 2] and cfg.autoscaling.experts.min_replicas == 2

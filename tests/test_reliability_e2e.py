@@ -16,6 +16,9 @@ import grpc
 import openai
 import pytest
 import ray
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from attention_service.sampling_params import SamplingParams
 from cluster.local import build_engine
@@ -26,6 +29,8 @@ from protos import generation_pb2_grpc as ggrpc
 pytestmark = pytest.mark.e2e
 
 KEY = "e2e-key"
+GENERATION = "moe_serve.generation.v1.Generation"
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -137,6 +142,23 @@ def test_keys_on_both_doors_and_grpc_bound_to_the_http_host(app):
     assert asyncio.run(undecodable()) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_grpc_health_and_reflection_through_serves_proxy_with_no_metadata_at_all(app):
+    """As a kubelet probe and grpcurl call it: no application name, no key, no .proto."""
+    _, _, target, _, _ = app
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for name in ("", GENERATION):
+            assert stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=30).status == SERVING
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        db = ProtoReflectionDescriptorDatabase(ch)
+        assert set(db.get_services()) >= {GENERATION, "grpc.health.v1.Health"}
+        pool = descriptor_pool.DescriptorPool(db)
+        assert pool.FindServiceByName(GENERATION).methods_by_name["Generate"].server_streaming
+        assert "max_tokens" in pool.FindMessageTypeByName("moe_serve.generation.v1.GenerateRequest").fields_by_name
+
+
 def test_past_the_queue_requests_get_429_with_retry_after(app):
     _, url, _, _, model = app
     body = {"model": model, "prompt": "Go on", "max_tokens": 120, "ignore_eos": True}
@@ -149,7 +171,7 @@ def test_past_the_queue_requests_get_429_with_retry_after(app):
 
 
 def test_the_only_replica_of_a_group_dies_and_its_streams_wait_for_the_next(app, greedy):
-    _, url, _, _, model = app
+    _, url, target, _, model = app
     prompts = [[1] + list(range(900 + 17 * i, 910 + 17 * i)) for i in range(3)]
     aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
     seen = {}
@@ -163,24 +185,43 @@ def test_the_only_replica_of_a_group_dies_and_its_streams_wait_for_the_next(app,
             started.set()
         return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].choices[0].finish_reason
 
+    async def watch(ch):        # the front door's gRPC health, as a load balancer watches it
+        statuses = []
+        async for r in health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=GENERATION)):
+            statuses.append(r.status)
+            if statuses[-2:] == [NOT_SERVING, SERVING]:
+                return statuses
+
+    def unready() -> float | None:
+        status, _, body = get(f"{url}/ready")
+        if status == 503:
+            seen["unready_body"] = body
+            return time.monotonic() - t0
+
     async def run():
+        nonlocal t0
         started = asyncio.Event()
         streams = [asyncio.ensure_future(one(p, started)) for p in prompts]
-        await started.wait()
-        t0 = time.monotonic()
-        kill(replica("ExpertGroup-1"))
-        seen["unready_after"] = await asyncio.to_thread(until, lambda: get(f"{url}/ready")[0] == 503 and
-                                                        time.monotonic() - t0, 30)
-        seen["ready_after"] = await asyncio.to_thread(until, lambda: get(f"{url}/ready")[0] == 200 and
-                                                      time.monotonic() - t0, 120)
-        seen["in_flight_at_recovery"] = sum(not s.done() for s in streams)
+        async with grpc.aio.insecure_channel(target) as ch:
+            watching = asyncio.ensure_future(watch(ch))
+            await started.wait()
+            t0 = time.monotonic()
+            kill(replica("ExpertGroup-1"))
+            seen["unready_after"] = await asyncio.to_thread(until, unready, 30)
+            seen["ready_after"] = await asyncio.to_thread(until, lambda: get(f"{url}/ready")[0] == 200 and
+                                                          time.monotonic() - t0, 120)
+            seen["in_flight_at_recovery"] = sum(not s.done() for s in streams)
+            seen["watched"] = await asyncio.wait_for(watching, 30)
         return await asyncio.gather(*streams)
+    t0 = 0.0
     results = asyncio.run(run())
     from attention_service.tokenizer import Tokenizer
     tok = Tokenizer.from_checkpoint(app[0].model)
     for p, (text, finish) in zip(prompts, results):
         assert finish == "length" and text == tok.decode(p[-6:] + greedy(p, 160))[len(tok.decode(p[-6:])):]
     assert seen["unready_after"] < 15 and seen["in_flight_at_recovery"] > 0
+    assert seen["unready_body"]["groups_without_replica"] == [1]
+    assert seen["watched"][0] == SERVING and seen["watched"][-2:] == [NOT_SERVING, SERVING]
 
 
 def test_a_dead_attention_replica_is_an_error_within_seconds_not_a_silence(app):

@@ -28,10 +28,12 @@ import grpc
 from attention_service.errors import Overloaded, RequestError, Unavailable
 from attention_service.sampling_params import SamplingParams
 from cluster.api.backend import Backend, close_quietly, getter, open_stream
-from cluster.api.grpc_register import Undecodable, add_generation_servicer
+from cluster.api.grpc_health import FrontDoorHealth
+from cluster.api.grpc_register import SERVICE, Undecodable, add_generation_servicer, add_health_servicer
 from cluster.api.limits import default_max_tokens, limits_of
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc
+from protos.standard_services import add_reflection
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +164,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
 async def start_grpc_server(backend: Backend | Callable[[], Backend],
                             address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
-    """A started grpc.aio server with the Generation service, and the port it bound."""
+    """A started grpc.aio server with the Generation service, its health (following the
+    backend's readiness, cluster/api/grpc_health.py) and server reflection; and the port it bound."""
     server = grpc.aio.server()
     add_generation_servicer(GenerationServicer(backend), server)
+    add_health_servicer(FrontDoorHealth(backend), server)
+    add_reflection(server, [SERVICE])
     port = server.add_insecure_port(address)
     await server.start()
     return server, port

@@ -32,7 +32,9 @@ from cluster.serve.frontend import Frontend
 from mixtral.checkpoint import Checkpoint
 from protos.shard_access import message_bytes_for
 
-GRPC_SERVICERS = ["cluster.api.grpc_register.add_generation_servicer"]
+# The proxy routes both services' calls to the Frontend (Generate; Check, List, Watch) and adds
+# server reflection itself (Serve's grpc_options.enable_reflection, on by default).
+GRPC_SERVICERS = ["cluster.api.grpc_register.add_generation_servicer", "cluster.api.grpc_register.add_health_servicer"]
 POLICY = "cluster.serve.autoscale_policy:AppPolicy"
 PREFIX_ROUTER = "cluster.serve.prefix_router:PrefixAffinityRouter"
 # Serve's throughput settings (its performance guide's; Ray 2.60 still defaults to 1): user

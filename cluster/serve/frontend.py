@@ -9,7 +9,9 @@ replica alive (none has beaten to the directory within its lease) a request gets
 Retry-After instead of waiting in the handle's queue until Serve has started a new one;
 a full queue (Serve's max_queued_requests) is 429; a replica that dies mid-stream ends
 the stream with an error event (gRPC: UNAVAILABLE) instead of silence. /ready reports the
-directory's view: an attention replica alive that reaches every expert group.
+directory's view: an attention replica alive that reaches every expert group, each with a
+live replica; the gRPC health service (Check, List, Watch: cluster/api/grpc_health.py)
+says the same.
 """
 
 import asyncio
@@ -17,8 +19,10 @@ import logging
 import os
 from typing import AsyncIterator
 
+import grpc
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
+from grpc_health.v1.health_pb2 import HealthCheckResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -28,7 +32,7 @@ from attention_service.async_engine import Delta
 from attention_service.errors import Overloaded, Unavailable
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
-from cluster.api import grpc_api
+from cluster.api import grpc_api, grpc_health
 from cluster.api.access import ApiKeys
 from cluster.api.backend import Backend
 from cluster.api.limits import RequestLimits
@@ -127,14 +131,21 @@ class ServeBackend:
             first.cancel()
 
     async def ready(self) -> tuple[bool, dict]:
-        """Ready: an attention replica beat lately and reaches at least one replica of every group."""
+        """Ready: an attention replica beat lately and reaches a replica of every group, and every
+        group has a replica whose lease in the directory is current (a replica that stopped
+        renewing counts as gone even before the attention replica has dropped it)."""
         self._ensure_watching()
         r = await asyncio.wait_for(self.directory.readiness.remote(), 5.0)
         self.readiness = r
         reach = list(r["attention"].values())
-        ok = any(all(live) for live in reach)
-        return ok, {"attention_replicas": len(reach), "expert_replicas": [max(c) for c in zip(*reach)] if reach
-                    else [], "registered_expert_replicas": {str(g): n for g, n in sorted(r["groups"].items())}}
+        reached = [max(c) for c in zip(*reach)] if reach else []
+        missing = [g for g, n in enumerate(reached) if not n or not r["groups"].get(g)]
+        ok = any(all(live) for live in reach) and not missing
+        detail = {"attention_replicas": len(reach), "expert_replicas": reached,
+                  "registered_expert_replicas": {str(g): n for g, n in sorted(r["groups"].items())}}
+        if missing:
+            detail["groups_without_replica"] = missing
+        return ok, detail
 
     def _ensure_watching(self) -> None:
         if self.directory is not None and (self._watch is None or self._watch.done()):
@@ -177,3 +188,22 @@ class Frontend:
                 if e.retry_after_s is not None:
                     grpc_context.set_trailing_metadata(list(e.trailing_metadata()))
             raise
+
+    async def Check(self, request, grpc_context=None):
+        """gRPC grpc.health.v1.Health/Check, called by Serve's gRPC proxy (no API key: probes send none)."""
+        status = await grpc_health.status(self.backend, request.service)
+        if status == grpc_health.SERVICE_UNKNOWN:
+            if grpc_context is not None:
+                grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+                grpc_context.set_details(grpc_health.unknown(request.service))
+            raise grpc_api.RpcError(grpc.StatusCode.NOT_FOUND, grpc_health.unknown(request.service))
+        return HealthCheckResponse(status=status)
+
+    async def List(self, request, grpc_context=None):
+        """gRPC grpc.health.v1.Health/List: every name the front door reports."""
+        return await grpc_health.statuses(self.backend)
+
+    async def Watch(self, request, grpc_context=None):
+        """gRPC grpc.health.v1.Health/Watch: the status now, then each change."""
+        async for response in grpc_health.watch(lambda: self.backend, request.service):
+            yield response

@@ -139,6 +139,8 @@ def cmd_up(a: argparse.Namespace) -> None:
         f"  gRPC          {host}:{cfg.grpc_port}   service moe_serve.generation.v1.Generation, "
         f"metadata application={cfg.name}",
         f"  health        {base}/health (alive)   {base}/ready (serving: attention reaches every expert group)",
+        f"                gRPC grpc.health.v1.Health on {host}:{cfg.grpc_port} (as /ready); server reflection "
+        f"(grpcurl -plaintext {host}:{cfg.grpc_port} list)",
         f"  dashboard     {base}/dashboard{'#key=KEY' if keyed else ''}   metrics {base}/metrics",
         f"  try           curl {base}/v1/completions -H 'Content-Type: application/json'"
         + (" -H 'Authorization: Bearer KEY'" if keyed else "") + " \\",

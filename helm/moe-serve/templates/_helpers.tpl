@@ -91,8 +91,10 @@ policy gets the app's config as its constructor argument. */}}
 {{- $_ := set $app "autoscaling_policy" (dict "policy_function" .Values.serve.autoscalingPolicy
       "policy_kwargs" (dict "config" $args)) }}
 {{- end }}
+{{- /* As cluster/serve/builder.py GRPC_SERVICERS: Generation and grpc.health.v1.Health. */}}
 {{- $grpc := dict "port" .Values.ports.grpc
-      "grpc_servicer_functions" (list "cluster.api.grpc_register.add_generation_servicer") }}
+      "grpc_servicer_functions" (list "cluster.api.grpc_register.add_generation_servicer"
+                                      "cluster.api.grpc_register.add_health_servicer") }}
 {{- toYaml (dict "http_options" (dict "host" "0.0.0.0" "port" .Values.ports.http)
                  "grpc_options" $grpc "applications" (list $app)) }}
 {{- end }}

@@ -104,8 +104,13 @@ spec:
       {{- end }}
       {{- if .readiness.enabled }}
       readinessProbe:
+        {{- if .readiness.grpc }}
+        # The kubelet's own gRPC health check, through this pod's gRPC proxy to the front door.
+        grpc: {port: {{ $v.ports.grpc }}, service: moe_serve.generation.v1.Generation}
+        {{- else }}
         httpGet: {path: /ready, port: serve}
-        {{- toYaml (omit .readiness "enabled") | nindent 8 }}
+        {{- end }}
+        {{- toYaml (omit .readiness "enabled" "grpc") | nindent 8 }}
       {{- end }}
       {{- end }}
       {{- end }}
