@@ -83,6 +83,11 @@ class AttentionMetadata:
     prefill_batch: PrefillBatch | None = None
     prefill_kernel: Callable | None = None
 
+    @property
+    def kernels_only(self) -> bool:
+        """Every token goes to a kernel reading the cache: the new K/V are needed only there."""
+        return not self.decode and not self.prefill
+
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
               block_size: int, device: torch.device | str = "cpu", decode_kernel: Callable | None = None,
@@ -165,16 +170,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     k_cache[meta.slot_mapping] = k
     v_cache[meta.slot_mapping] = v
+    if meta.kernels_only:
+        return attend(q, k_cache, v_cache, meta)
+    out = attend(q, k_cache, v_cache, meta)
     KVH, Dh = k_cache.shape[1:]
     bs = meta.block_size
-    if meta.prefill_batch is not None:   # the kernel's result holds every chunk's rows; decodes go in next
-        p = meta.prefill_batch
-        out = meta.prefill_kernel(q, k_cache, v_cache, p.tables, p.starts, p.qlens, p.lens, bs, Dh ** -0.5)
-    else:
-        out = torch.empty_like(q)
-    if meta.decode_batch is not None:
-        d = meta.decode_batch
-        out[d.rows] = meta.decode_kernel(q[d.rows], k_cache, v_cache, d.tables, d.lens, bs, Dh ** -0.5)
     for b in meta.decode:
         B, Lmax = b.mask.shape[0], b.mask.shape[-1]
         # Whole blocks (bs x KVH x Dh contiguous) at a time: index_select copies them faster
@@ -200,6 +200,22 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             kc, vc = k_cache[old].transpose(0, 1)[None], v_cache[old].transpose(0, 1)[None]   # [1, KVH, L - q, Dh]
             o = (after_cached if q.device.type == "cpu" else after_cached_masked)(qp, kc, vc, kn, vn)
         out[p.start:p.start + p.q] = o[0].transpose(0, 1)
+    return out
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """q [T, H, Dh] of tokens whose K/V are already in the caches -> out [T, H, Dh] for the rows
+    the kernels take (all of them when meta.kernels_only; the others are left unset)."""
+    Dh, bs = k_cache.shape[2], meta.block_size
+    d, p = meta.decode_batch, meta.prefill_batch
+    if d is not None and p is None and d.rows.shape[0] == q.shape[0]:   # decodes only: rows are 0 .. T - 1
+        return meta.decode_kernel(q.contiguous(), k_cache, v_cache, d.tables, d.lens, bs, Dh ** -0.5)
+    if p is not None:   # the kernel's result holds every chunk's rows; decodes go in next
+        out = meta.prefill_kernel(q, k_cache, v_cache, p.tables, p.starts, p.qlens, p.lens, bs, Dh ** -0.5)
+    else:
+        out = torch.empty_like(q)
+    if d is not None:
+        out[d.rows] = meta.decode_kernel(q[d.rows], k_cache, v_cache, d.tables, d.lens, bs, Dh ** -0.5)
     return out
 
 

@@ -1,12 +1,15 @@
 """Kernels of our own for the CPU path, compiled from attention_service/csrc/ on first use.
 
-Two attention kernels that read the paged KV cache in place, for fp32 on CPU:
+Two attention kernels that read the paged KV cache in place, and fused small ops of the
+decode step (csrc/fused.cpp: RMSNorm; rope with the K/V cache writes), for fp32 on CPU:
 - decode (csrc/paged_decode.cpp): torch's path copies every decoding context out of its
   blocks before attending to it; on CPU that copy and the per-bucket calls cost as much as
   the attention itself.
 - prompt chunks (csrc/paged_prefill.cpp): torch's flash kernel runs at about a third of
   the CPU's fp32 peak on the model's shapes, and a chunk after cached tokens needs those
   tokens gathered out of their blocks and two calls merged.
+- fused ops: a single stream's decode step does microseconds of math per op, and torch's
+  dispatch and allocations around each of the norm's and rope's dozen ops per layer cost more.
 
 The extension is built with torch's JIT builder (a C++ compiler and ninja), for this
 machine's CPU (-march=native), into the moe-serve cache ($MOE_SERVE_CACHE, default
@@ -32,7 +35,7 @@ from mixtral.config import CACHE
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = [_CSRC / "paged_decode.cpp", _CSRC / "paged_prefill.cpp", _CSRC / "ops.cpp"]
+_SOURCES = [_CSRC / "paged_decode.cpp", _CSRC / "paged_prefill.cpp", _CSRC / "fused.cpp", _CSRC / "ops.cpp"]
 
 
 def _cache_dir() -> Path:
@@ -102,3 +105,9 @@ def paged_prefill_attention(dtype: torch.dtype, device: torch.device | str):
     """
     ops = _ops() if _applies(dtype, device) else None
     return ops.paged_prefill_attention if ops is not None else None
+
+
+def fused_ops(dtype: torch.dtype, device: torch.device | str):
+    """torch.ops.moe_serve for the fused per-layer ops (csrc/fused.cpp: rms_norm, qkv_rope_cache)
+    where they apply (fp32 on CPU, the library built), else None."""
+    return _ops() if _applies(dtype, device) else None

@@ -17,7 +17,7 @@ shards in between is attention_service/model_runner.py.
 import torch
 import torch.nn.functional as F
 
-from attention_service.attention import AttentionMetadata, paged_attention
+from attention_service.attention import AttentionMetadata, attend, paged_attention
 
 # The matmul helpers the expert math uses too: fp32 weights on CPU go to oneDNN (see pack_linear).
 from mixtral.linear import linear, pack_linear
@@ -77,22 +77,43 @@ class AttentionModel:
         self.norm = weights["model.norm.weight"]                                  # [D]
         self.lm_head = pack_linear(weights.get("lm_head.weight", self.embed_tokens))   # [V, D]
         self.dtype, self.device = self.embed_tokens.dtype, self.embed_tokens.device
+        # The fused CPU ops (torch.ops.moe_serve: rms_norm, qkv_rope_cache) where the runner
+        # found them to apply (fp32 on CPU); None: the torch code below.
+        self.fused = None
+        self._cos = self._sin = None    # rope tables [P, Dh] for positions 0 .. P - 1, grown on demand
+
+    def norm_(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused.rms_norm(x, weight, self.eps)
+        return rms_norm(x, weight, self.eps)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [T] -> x [T, D]."""
         return F.embedding(tokens, self.embed_tokens)
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope(positions, self.dim_head, self.cfg.rope_theta)
+    def rope(self, positions: torch.Tensor, upto: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, Dh]. upto (> every position, known on the host): looked
+        up in tables kept from step to step, the same values without computing them each step."""
+        if upto is None:
+            return rope(positions, self.dim_head, self.cfg.rope_theta)
+        if self._cos is None or self._cos.shape[0] < upto:
+            n = min(max(upto, 2 * (0 if self._cos is None else self._cos.shape[0]), 1024),
+                    max(upto, self.cfg.max_position_embeddings))
+            self._cos, self._sin = rope(torch.arange(n, device=self.device), self.dim_head, self.cfg.rope_theta)
+        return self._cos[positions], self._sin[positions]
 
     def attention(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """x [T, D] -> h [T, D] = x + Attention(RMSNorm_1(x)), reading and extending the paged cache."""
         w = self.layers[layer]
         T = x.shape[0]
-        a = rms_norm(x, w.input_norm, self.eps)
+        a = self.norm_(x, w.input_norm)
         H, KVH, Dh = self.n_heads, self.n_kv_heads, self.dim_head
         qkv = linear(a, w.qkv)                                               # [T, (H + 2KVH) * Dh]
+        if self.fused is not None and meta.kernels_only:
+            # One pass: q and k rotated, k and v written to the cache; the kernels read them there.
+            q = self.fused.qkv_rope_cache(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping, H)
+            return x + linear(attend(q, k_cache, v_cache, meta).view(T, -1), w.o)
         # q and k rotated together: one pass of each op over both.
         qk = apply_rope(qkv[:, :(H + KVH) * Dh].view(T, H + KVH, Dh), cos, sin)
         v = qkv[:, (H + KVH) * Dh:].view(T, KVH, Dh)
@@ -101,11 +122,11 @@ class AttentionModel:
 
     def moe_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """h [T, D] -> y [T, D] = RMSNorm_2(h), what the router and experts see."""
-        return rms_norm(h, self.layers[layer].post_norm, self.eps)
+        return self.norm_(h, self.layers[layer].post_norm)
 
     def gate(self, layer: int) -> torch.Tensor:
         return self.layers[layer].gate
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, D] (last positions) -> logits [B, V] in fp32."""
-        return linear(rms_norm(x, self.norm, self.eps), self.lm_head).float()
+        return linear(self.norm_(x, self.norm), self.lm_head).float()

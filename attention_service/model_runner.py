@@ -58,6 +58,7 @@ class MicroBatch:
     positions: torch.Tensor    # [T]
     meta: AttentionMetadata
     logit_rows: torch.Tensor   # rows whose logits are wanted
+    upto: int = 0              # past every position: how far the rope tables must reach
     graph: GraphBatch | None = None   # set for all-decode micro-batches that replay CUDA graphs
 
 
@@ -69,6 +70,11 @@ class ModelRunner:
         self.on_route = None   # optional hook(layer, expert ids [T, K]) for routing statistics
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="compute") if micro_batches > 1 else None
         self.decode_kernel, self.prefill_kernel = attention_kernels(model.dtype, model.device)
+        if os.environ.get("MOE_SERVE_ATTENTION", "auto") != "torch":
+            model.fused = cpu_kernels.fused_ops(model.dtype, model.device)
+        # Looked up once rather than in every layer of every step.
+        self._kv_layers = [(kv.k[layer], kv.v[layer]) for layer in range(len(model.layers))]
+        self._groups = [(placement.group_of[layer], placement.only_group(layer)) for layer in range(len(model.layers))]
         self.graphs = DecodeGraphs(model, kv, self.decode_kernel, max_model_len or model.cfg.max_position_embeddings,
                                    capture=cuda_graphs)
 
@@ -83,7 +89,7 @@ class ModelRunner:
         for s in scheduled:
             start = s.seq.num_computed
             tokens.extend(s.seq.token_ids[start:start + s.num_tokens])
-            positions.append(torch.arange(start, start + s.num_tokens))
+            positions.extend(range(start, start + s.num_tokens))
             row += s.num_tokens
             if all_logits:
                 rows.extend(range(row - s.num_tokens, row))
@@ -96,8 +102,8 @@ class ModelRunner:
         # A graph batch carries its own layout; the eager one is built only when it runs.
         meta = None if graph is not None else AttentionMetadata.build(
             qlens, lens, tables, self.kv.block_size, dev, self.decode_kernel, self.prefill_kernel)
-        return MicroBatch(torch.tensor(tokens, device=dev), torch.cat(positions).to(dev), meta,
-                          torch.tensor(rows, dtype=torch.int64, device=dev), graph)
+        return MicroBatch(torch.tensor(tokens, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev),
+                          meta, torch.tensor(rows, dtype=torch.int64, device=dev), graph=graph, upto=max(lens))
 
     def split(self, scheduled: list[Scheduled]) -> list[list[Scheduled]]:
         """Contiguous runs of sequences with about equal token counts, at most micro_batches of them."""
@@ -120,18 +126,18 @@ class ModelRunner:
         if mb.graph is not None:
             h, y, ids, weights = self.graphs.run(layer, x, mb.graph)
         else:
-            h = m.attention(layer, x, *rope, self.kv.k[layer], self.kv.v[layer], mb.meta)
+            h = m.attention(layer, x, *rope, *self._kv_layers[layer], mb.meta)
             y = m.moe_input(layer, h)
             ids, weights = route(y, m.gate(layer), m.top_k)
         if self.on_route is not None:
             self.on_route(layer, ids)
-        return h, y, plan(ids, weights, self.placement.group_of[layer])
+        return h, y, plan(ids, weights, *self._groups[layer])
 
     async def forward(self, mb: MicroBatch) -> torch.Tensor:
         """The layer loop for one micro-batch -> logits [len(logit_rows), V]."""
         m = self.model
         x = m.embed(mb.tokens)
-        rope = None if mb.graph is not None else m.rope(mb.positions)   # graphs compute their own
+        rope = None if mb.graph is not None else m.rope(mb.positions, mb.upto)   # graphs compute their own
         for layer in range(len(m.layers)):
             h, y, batches = await self._compute(self._attend, layer, x, rope, mb)
             parts = await self.transport.forward(layer, y, batches)

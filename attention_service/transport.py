@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from router.dispatch import GroupBatch
+from router.dispatch import GroupBatch, covers_all
 
 
 class ExpertTransport(Protocol):
@@ -28,7 +28,8 @@ class InProcessTransport:
         self.groups = groups
 
     async def forward(self, layer: int, y: torch.Tensor, batches: list[GroupBatch]) -> list[torch.Tensor]:
-        return [self.groups[b.group].forward(layer, y[b.rows], b.expert_ids, b.weights) for b in batches]
+        return [self.groups[b.group].forward(layer, y if covers_all(b, y) else y[b.rows], b.expert_ids, b.weights)
+                for b in batches]
 
     async def close(self) -> None:
         pass

@@ -53,6 +53,7 @@ class ExpertWeights:
         self.s13: dict[int, torch.Tensor] = {}        # fp8: layer -> scales [n, 2F]
         self.s2: dict[int, torch.Tensor] = {}         # fp8: layer -> scales [n, D]
         self.weight_bytes = 0                         # weights held, scales included
+        self._local_ids: dict[int, list[int]] = {}    # layer -> self.local[layer] as a list
         for layer in sorted({l for l, _ in tensors}):
             experts = sorted(e for l, e in tensors if l == layer)
             w13 = [torch.cat([tensors[layer, e][0], tensors[layer, e][2]]) for e in experts]
@@ -72,6 +73,7 @@ class ExpertWeights:
             lut = torch.full((num_experts + 1,), -1, dtype=torch.int64)  # last slot: id -1 (empty slot)
             lut[torch.tensor(experts)] = torch.arange(len(experts))
             self.local[layer] = lut.to(self.device)
+            self._local_ids[layer] = lut.tolist()
         self.mm = GroupedMM.probe(self._dtype, self.device, fp8, matmul) if self.grouped else None
         self.graphs = GraphCache(self.device, cuda_graphs and self.grouped)
 
@@ -141,6 +143,8 @@ class ExpertWeights:
     def _forward_per_expert(self, layer: int, y: torch.Tensor, ids: torch.Tensor,
                             weights: torch.Tensor) -> torch.Tensor:
         T, K = ids.shape
+        if T == 1:
+            return self._forward_one(layer, y, ids, weights)
         local = self.local[layer][ids.long()].flatten()            # [T*K], -1 for empty slots
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local + 1, minlength=len(self.w13[layer]) + 1).tolist()
@@ -157,3 +161,17 @@ class ExpertWeights:
             out.index_add_(0, r, h * w[start:start + n, None])
             start += n
         return out
+
+    def _forward_one(self, layer: int, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One row (a single stream's decode step): its K experts' matmuls straight on it, summed
+        in the order of the general path (expert by expert), without sorting or gathering rows."""
+        lut = self._local_ids[layer]
+        slots = sorted((lut[e], w) for e, w in zip(ids.tolist()[0], weights.tolist()[0])
+                       if e >= 0 and lut[e] >= 0)
+        out = None
+        for e, w in slots:
+            gate, up = linear(y, self.w13[layer][e]).chunk(2, dim=-1)         # [1, F] each
+            # w: the fp32 weight as a Python float, which torch multiplies by in fp32: same product.
+            h = linear(F.silu(gate) * up, self.w2[layer][e]) * w            # [1, D]
+            out = h if out is None else out.add_(h)
+        return torch.zeros_like(y) if out is None else out

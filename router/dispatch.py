@@ -50,6 +50,11 @@ class Placement:
         """Each group holds whole experts across all layers: the default layout."""
         return cls.from_groups([group_pairs(e, None, num_layers) for e in expert_groups], num_layers, num_experts)
 
+    def only_group(self, layer: int) -> int | None:
+        """The one group serving every expert of layer, or None where the experts are split."""
+        groups = self.group_of[layer].unique().tolist()
+        return groups[0] if len(groups) == 1 else None
+
     @property
     def num_groups(self) -> int:
         return int(self.group_of.max()) + 1
@@ -68,13 +73,19 @@ class GroupBatch:
     weights: torch.Tensor   # [R, K] float32, 0 where expert_ids is -1
 
 
-def plan(ids: torch.Tensor, weights: torch.Tensor, group_of_layer: torch.Tensor) -> list[GroupBatch]:
-    """ids, weights [T, K]; group_of_layer [E] -> one GroupBatch per group touched."""
-    groups = group_of_layer[ids]                                # [T, K]
-    present = torch.unique(groups).tolist()
-    if len(present) == 1:   # one group serves every slot (always so with one group): nothing to mask
+def plan(ids: torch.Tensor, weights: torch.Tensor, group_of_layer: torch.Tensor,
+         only: int | None = None) -> list[GroupBatch]:
+    """ids, weights [T, K]; group_of_layer [E] -> one GroupBatch per group touched.
+
+    only: the group that serves all of the layer's experts, when one does (Placement.only_group):
+    every row goes there, nothing to look up."""
+    if only is None:
+        groups = group_of_layer[ids]                            # [T, K]
+        present = torch.unique(groups).tolist()
+    if only is not None or len(present) == 1:   # one group serves every slot: nothing to mask
         rows = torch.arange(ids.shape[0], device=ids.device)
-        return [GroupBatch(group=present[0], rows=rows, expert_ids=ids.to(torch.int32), weights=weights)]
+        group = only if only is not None else present[0]
+        return [GroupBatch(group=group, rows=rows, expert_ids=ids.to(torch.int32), weights=weights)]
     batches = []
     for g in present:
         mine = groups == g                                      # [T, K]
@@ -98,5 +109,13 @@ def combine(partials: list[torch.Tensor], batches: list[GroupBatch], out: torch.
         if part.device != out.device:
             raise RuntimeError(f"expert group {b.group}'s partial sums are on {part.device}, the hidden state "
                                f"on {out.device}: the transport must return them on the receiving device")
-        out.index_add_(0, b.rows, part.to(out.dtype))
+        if covers_all(b, out):    # the same sums, without the scatter's machinery
+            out.add_(part.to(out.dtype))
+        else:
+            out.index_add_(0, b.rows, part.to(out.dtype))
     return out
+
+
+def covers_all(batch: GroupBatch, x: torch.Tensor) -> bool:
+    """True when batch takes every row of x [T, ...], in order (rows are distinct and ascending)."""
+    return batch.rows.shape[0] == x.shape[0]

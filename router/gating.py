@@ -16,11 +16,3 @@ def route(y: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch
     top_logits, ids = torch.topk(logits, top_k, dim=-1)           # [T, K]
     return ids, torch.softmax(top_logits, dim=-1)
 
-
-def routed_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """ids [T, K] -> tokens routed to each expert [E]; the load signal autoscaling reads.
-
-    An index_add rather than bincount: on CUDA bincount reads the ids' range back to the
-    host, and this runs in every layer of every step."""
-    flat = ids.flatten()
-    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(0, flat, torch.ones_like(flat))

@@ -11,8 +11,6 @@ import time
 
 import torch
 
-from router.gating import routed_counts
-
 
 class RoutingStats:
     def __init__(self, group_of: torch.Tensor):
@@ -27,7 +25,10 @@ class RoutingStats:
         """ids [T, K] of one layer's routing."""
         if self.counts is None:
             self.counts = torch.zeros(self.group_of.shape, dtype=torch.int64, device=ids.device)
-        self.counts[layer] += routed_counts(ids, self.group_of.shape[1])
+            self._one = torch.ones(1, dtype=torch.int64, device=ids.device)
+        # routed_counts added in place: no [E] tensor built, one op per layer of a step.
+        flat = ids.flatten()
+        self.counts[layer].index_add_(0, flat, self._one.expand(flat.shape[0]))
 
     def snapshot(self) -> torch.Tensor:
         """[L, E] cumulative pairs, on the host."""

@@ -1,0 +1,97 @@
+"""Where a single stream's decode step goes: torch ops dispatched and time per step.
+
+What it measures
+    The "bench" preset in this process (experts in-process, the default EngineConfig), one
+    request of a 128-token prompt decoding --new tokens greedily, and per decode step:
+      ops      torch ops dispatched (torch.profiler, every aten/mkldnn/moe_serve op counted)
+      cpu_ms   this process's CPU time per step, median (with one torch thread: less moved
+               by other processes' load than wall time, which a shared machine makes noisy)
+      wall_ms  wall time per step, median
+    for the fused CPU ops (csrc/fused.cpp) on and off, alternating run by run in the one
+    process; the ratio off / on is the figure. Tokens must come out the same both ways.
+
+Run
+    .venv/bin/python -m bench.decode_step            # about a minute
+    .venv/bin/python -m bench.decode_step --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from attention_service.config import EngineConfig
+from attention_service.sampling_params import SamplingParams
+from bench import common
+from cluster.local import build_engine
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new", type=int, default=64, help="new tokens per run (default 64)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per side (default 3)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--out", default="decode_step.json", help="file name under bench/out/")
+    return ap.parse_args()
+
+
+def one_run(engine, loop, prompt: list[int], new: int, prof: bool = False):
+    """-> (output ids, per decode step: [(cpu s, wall s)] or the profiler's op count)."""
+    seq = engine.add(prompt, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+    loop.run_until_complete(engine.step())                       # the prompt
+    if prof:
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            while engine.has_work:
+                loop.run_until_complete(engine.step())
+        return seq.output_ids, sum(e.count for e in p.key_averages()) / (new - 1)
+    steps = []
+    while engine.has_work:
+        c0, t0 = time.process_time(), time.perf_counter()
+        loop.run_until_complete(engine.step())
+        steps.append((time.process_time() - c0, time.perf_counter() - t0))
+    return seq.output_ids, steps
+
+
+def main() -> int:
+    a = parse_args()
+    torch.set_num_threads(a.threads)
+    result: dict = {"args": vars(a), "machine": common.announce_machine("decode_step")}
+    engine, _ = build_engine(common.checkpoint("bench"), EngineConfig())
+    fused = engine.model.fused
+    if fused is None:
+        print("decode_step: the fused CPU ops do not apply here (no compiler, or not fp32 on CPU)")
+        return 1
+    prompt = common.random_prompts(1, 128, 128, 32000, seed=0)[0]
+    loop = asyncio.new_event_loop()
+    sides = {"on": fused, "off": None}
+    steps: dict[str, list] = {s: [] for s in sides}
+    tokens: dict[str, list] = {}
+    one_run(engine, loop, prompt, 8)                             # warm-up
+    for _ in range(a.repeats):
+        for side, ops in sides.items():
+            engine.model.fused = ops
+            tokens[side], st = one_run(engine, loop, prompt, a.new)
+            steps[side] += st
+    for side, ops in sides.items():
+        engine.model.fused = ops
+        _, count = one_run(engine, loop, prompt, 17, prof=True)
+        cpu = statistics.median(c for c, _ in steps[side]) * 1e3
+        wall = statistics.median(w for _, w in steps[side]) * 1e3
+        result[side] = {"ops": count, "cpu_ms": round(cpu, 3), "wall_ms": round(wall, 3)}
+        print(f"decode_step fused {side}: {count:.0f} ops, {cpu:.2f} ms CPU, {wall:.2f} ms wall per step "
+              f"(median of {len(steps[side])} steps, {a.threads} thread(s))", flush=True)
+    on, off = result["on"], result["off"]
+    result["same_tokens"] = tokens["on"] == tokens["off"]
+    print(f"decode_step ratio off/on: ops {off['ops'] / on['ops']:.2f}x, CPU {off['cpu_ms'] / on['cpu_ms']:.2f}x, "
+          f"wall {off['wall_ms'] / on['wall_ms']:.2f}x; same tokens: {result['same_tokens']}")
+    common.write_json(a.out, result)
+    return 0 if result["same_tokens"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
