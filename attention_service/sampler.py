@@ -99,3 +99,17 @@ def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> tuple[to
     chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
     values, ids = logp.topk(n, dim=-1) if n > 0 else (logp[:, :0], tokens[:, None][:, :0])
     return chosen, ids, values
+
+
+def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: logits[rows] [G, V] lose (to -inf) every token whose bit in bitmask [G, W] int32 is 0.
+
+    Bit j of word w is token 32 w + j (attention_service/grammar.py fills them); vocabulary
+    entries past the bitmask's 32 W are disallowed.
+    """
+    V = logits.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask.to(logits.device)[:, :, None] >> shifts) & 1).flatten(1).bool()   # [G, 32 W]
+    if allowed.shape[1] < V:
+        allowed = torch.nn.functional.pad(allowed, (0, V - allowed.shape[1]))
+    logits[rows] = logits[rows].masked_fill(~allowed[:, :V], float("-inf"))

@@ -5,6 +5,7 @@ import math
 import msgspec
 
 from attention_service.errors import RequestError
+from attention_service.grammar_spec import GrammarSpec
 
 
 class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -21,6 +22,8 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ignore_eos: bool = False
     # Return the log-probability of each sampled token and of this many alternatives.
     logprobs: int | None = None
+    # Constrained decoding: the output must match this (attention_service/grammar.py).
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p"):

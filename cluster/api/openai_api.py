@@ -29,13 +29,15 @@ from starlette.exceptions import HTTPException
 
 from attention_service.async_engine import Delta
 from attention_service.errors import Overloaded, RequestError, Unavailable
+from attention_service.grammar_spec import GrammarSpec
 from attention_service.sampling_params import SamplingParams
-from cluster.api import chat
+from cluster.api import chat, structured
 from cluster.api.access import ApiKeys
 from cluster.api.backend import Backend, close_quietly, getter, open_stream
 from cluster.api.completion import CompletionReply
 from cluster.api.http_guard import HttpGuard
 from cluster.api.limits import check_unicode, default_max_tokens, limits_of
+from cluster.api.structured import response_format_grammar
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,7 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False                   # extension
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -176,7 +179,8 @@ def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
                 raise APIError(400, "batched prompts are not supported: send one prompt per request", "prompt")
             p = p[0]
         ids = b.tokenizer.encode(p) if isinstance(p, str) else list(p)
-        params = _params(req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs)
+        params = _params(req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs,
+                         response_format_grammar(req.response_format))
         reply = CompletionReply(b.model_name, b.tokenizer, req.logprobs is not None)
         return await _respond(request, b, req, ids, params, reply)
 
@@ -184,11 +188,12 @@ def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
     async def chat_completions(request: Request) -> Response:
         b = get_backend()
         req = await _parse(request, ChatRequest, b)
+        grammar = _chat_grammar(b, req)
         ids = chat.chat_prompt(b.tokenizer, req.messages, req.tools, req.tool_choice)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         lps = (req.top_logprobs or 0) if req.logprobs else None
         default = default_max_tokens(limits_of(b), b.max_model_len, ids)
-        params = _params(req, limit if limit is not None else default, lps)
+        params = _params(req, limit if limit is not None else default, lps, grammar)
         reply = chat.ChatReply(b.model_name, b.tokenizer, req.tools, req.tool_choice, req.logprobs)
         return await _respond(request, b, req, ids, params, reply)
 
@@ -220,12 +225,20 @@ async def _parse(request: Request, model: type[_Sampling], backend: Backend) -> 
     return req
 
 
-def _params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _chat_grammar(b: Backend, req: ChatRequest) -> GrammarSpec | None:
+    """The grammar a chat request asks for: a forced tool call's, or its response_format's."""
+    forced = structured.tool_choice_grammar(b.tokenizer, req.tools, req.tool_choice)
+    if forced is not None and req.response_format not in (None, {"type": "text"}):
+        raise APIError(400, "response_format cannot be combined with a forced tool_choice", "response_format")
+    return forced or response_format_grammar(req.response_format)
+
+
+def _params(req: _Sampling, max_tokens: int, logprobs: int | None, grammar: GrammarSpec | None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, top_k=req.top_k or 0,
         stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
-        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs)
+        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs, grammar=grammar)
 
 
 # The engine's parameter names, as a chat request spells them.
