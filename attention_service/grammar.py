@@ -1,6 +1,6 @@
 """Constrained decoding: a request's JSON Schema as a token mask at every step.
 
-Shapes: G sequences with a grammar this step, V vocab, W = ceil(V / 32) int32 words of bitmask.
+Shapes: B sequences sampling this step, G of them with a grammar, V vocab, W = ceil(V / 32) int32 words.
 
 xgrammar compiles a schema against the vocabulary once (cached by schema text), each
 sequence keeps a matcher that is advanced with every token it accepts, and a step's masks
@@ -149,20 +149,24 @@ _worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
 _batch: list[xgr.BatchGrammarMatcher] = []
 
 
-def fill_masks(matchers: list[GrammarMatcher]) -> torch.Tensor:
-    """Bitmask [G, W] int32 of the tokens each matcher allows next, W from the first's vocabulary."""
+def fill_masks(matchers: list[GrammarMatcher], rows: list[int] | None = None, batch: int | None = None
+               ) -> torch.Tensor:
+    """Bitmask [B, W] int32: row rows[g] holds the tokens matchers[g] allows next, the other
+    rows allow everything (B = batch, by default G, with rows 0..G-1; W from the vocabulary)."""
+    rows = list(range(len(matchers))) if rows is None else rows
     if not _batch:
         _batch.append(xgr.BatchGrammarMatcher())
-    bitmask = xgr.allocate_token_bitmask(len(matchers), matchers[0].vocab_size)
-    free = [i for i, m in enumerate(matchers) if not m.pending]
+    bitmask = xgr.allocate_token_bitmask(batch or len(matchers), matchers[0].vocab_size)
+    free = [g for g, m in enumerate(matchers) if not m.pending]
     if free:
-        _batch[0].batch_fill_next_token_bitmask([matchers[i].matcher for i in free], bitmask, free)
-    for i, m in enumerate(matchers):
+        _batch[0].batch_fill_next_token_bitmask([matchers[g].matcher for g in free], bitmask,
+                                                [rows[g] for g in free])
+    for g, m in enumerate(matchers):
         if m.pending:
-            m.fill(bitmask, i)
+            m.fill(bitmask, rows[g])
     return bitmask
 
 
-def start_masks(matchers: list[GrammarMatcher]) -> Future:
-    """fill_masks(matchers) on the worker thread; the Future's result is the bitmask."""
-    return _worker.submit(fill_masks, matchers)
+def start_masks(matchers: list[GrammarMatcher], rows: list[int], batch: int) -> Future:
+    """fill_masks on the worker thread; the Future's result is the bitmask."""
+    return _worker.submit(fill_masks, matchers, rows, batch)

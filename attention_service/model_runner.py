@@ -157,7 +157,7 @@ class ModelRunner:
             rows, future = masks
             if any(sampling[i].params.logprobs is not None for i in rows):
                 logits = logits.clone()            # logprobs are the model's own, not the mask's
-            apply_bitmask(logits, torch.tensor(rows, device=logits.device), await asyncio.wrap_future(future))
+            apply_bitmask(logits, rows, await asyncio.wrap_future(future))
         try:
             picked = _sample(logits, sampling, raw)
         except Exception:
@@ -174,7 +174,7 @@ def _start_masks(seqs: list[Sequence]) -> tuple[list[int], Future] | None:
     rows = [i for i, q in enumerate(seqs) if q.grammar is not None]
     if not rows:
         return None
-    return rows, start_masks([seqs[i].grammar for i in rows])
+    return rows, start_masks([seqs[i].grammar for i in rows], rows, len(seqs))
 
 
 def _sample(logits: torch.Tensor, seqs: list[Sequence], raw: torch.Tensor) -> list[int]:

@@ -12,8 +12,12 @@ What it measures
     For scale: a decode step of the `bench` model with 32 sequences takes about 21 ms on
     this machine's 2 cores (docs/benchmarks.md).
 
+    Grammar masks (JSON schema) per step, the sampler's share and a decode step's: see
+    bench/grammar_masks.py.
+
 Run
-    .venv/bin/python -m bench.sampling            # a few seconds
+    .venv/bin/python -m bench.sampling            # about a minute
+    .venv/bin/python -m bench.sampling --quick    # smoke run, seconds
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch  # noqa: E402
 
 from attention_service.sampler import _TOP_P_CANDIDATES, sample  # noqa: E402
 from attention_service.sampling_params import SamplingParams  # noqa: E402
-from bench import common  # noqa: E402
+from bench import common, grammar_masks  # noqa: E402
 
 # Random logits are flatter than a trained model's: "peaked" stands in for those (its top-p
 # 0.9 cut lies within the first candidates), "flat" is the worst case (it does not).
@@ -67,7 +71,11 @@ def main() -> int:
     ap.add_argument("--rows", default="8,32,64", help="sampling rows per step (default 8,32,64)")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--grammar-rows", type=int, default=64, help="rows with a JSON-schema grammar (default 64)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 8 rows, 3 repeats, the tiny model")
     a = ap.parse_args()
+    if a.quick:
+        a.rows, a.repeats, a.grammar_rows = "8", 3, 8
     common.announce_machine("sampling")
     base = torch.randn(max(int(b) for b in a.rows.split(",")), a.vocab, generator=torch.Generator().manual_seed(0))
     for shape, scale in SHAPES.items():
@@ -81,6 +89,7 @@ def main() -> int:
                 ref = median_ms(lambda: sorted_reference(logits[:b], params, seeds, steps), a.repeats)
                 print(f"sampling {shape} rows={b} {name}: ours {ours:.2f} ms, sort-every-row {ref:.2f} ms, "
                       f"ratio {ref / ours:.1f}x")
+    grammar_masks.report(a.grammar_rows, a.repeats, a.quick)
     return 0
 
 
