@@ -188,11 +188,6 @@ def test_compiled_grammars_are_cached(make_ckpt):
 def test_grammar_rows_leave_the_others_alone(make_ckpt):
     """In one batch, constrained and free sequences: the free ones sample exactly what they
     sample alone (masks touch their own rows only), the constrained ones end in valid JSON."""
-    import asyncio
-
-    from attention_service.sampling_params import SamplingParams
-    from cluster.local import build_engine
-
     engine, tok = build_engine(make_ckpt(preset("tiny-v3")))
     prompt = tok.encode("Hello there")
     free = SamplingParams(max_tokens=12, temperature=1.0, seed=11, ignore_eos=True)
