@@ -18,6 +18,7 @@ What it measures
 Run
     .venv/bin/python -m bench.sampling            # about a minute
     .venv/bin/python -m bench.sampling --quick    # smoke run, seconds
+    .venv/bin/python -m bench.sampling --grammar-only
 """
 
 from __future__ import annotations
@@ -73,12 +74,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--grammar-rows", type=int, default=64, help="rows with a JSON-schema grammar (default 64)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 8 rows, 3 repeats, the tiny model")
+    ap.add_argument("--grammar-only", action="store_true", help="only the grammar-mask figures")
     a = ap.parse_args()
     if a.quick:
         a.rows, a.repeats, a.grammar_rows = "8", 3, 8
     common.announce_machine("sampling")
     base = torch.randn(max(int(b) for b in a.rows.split(",")), a.vocab, generator=torch.Generator().manual_seed(0))
-    for shape, scale in SHAPES.items():
+    for shape, scale in ({} if a.grammar_only else SHAPES).items():
         logits = base * scale
         mass = torch.softmax(logits / 0.8, -1).topk(_TOP_P_CANDIDATES, -1).values.sum(-1).median()
         print(f"sampling logits {shape}: N(0, {scale}^2), top {_TOP_P_CANDIDATES} tokens hold {mass:.2f} of the mass")

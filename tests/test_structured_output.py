@@ -206,3 +206,27 @@ def test_grammar_rows_leave_the_others_alone(make_ckpt):
     for s in constrained:
         assert s.finish_reason == "stop"
         jsonschema.validate(json.loads(tok.decode(s.output_ids)), PERSON)
+
+
+def test_grpc_json_schema(loop, tiny_ckpt):
+    """The public gRPC door, with the v1 vocabulary: a schema'd answer, and a bad schema refused."""
+    import grpc
+
+    from cluster.api.grpc_api import start_grpc_server
+    from protos import generation_pb2 as pb
+    from protos import generation_pb2_grpc as pb_grpc
+
+    backend = LocalBackend.from_checkpoint(tiny_ckpt, model_name="tiny")
+    server, port = asyncio.run_coroutine_threadsafe(start_grpc_server(backend), loop).result(10)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            out = list(stub.Generate(pb.GenerateRequest(text="A person:", max_tokens=120, seed=6,
+                                                        json_schema=json.dumps(PERSON)), timeout=60))
+            assert out[-1].finish_reason == "stop"
+            jsonschema.validate(json.loads("".join(r.text for r in out)), PERSON)
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(pb.GenerateRequest(text="hi", json_schema='{"type": "bogus"}'), timeout=30))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "json_schema" in e.value.details()
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)

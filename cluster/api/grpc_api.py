@@ -24,7 +24,9 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
+from attention_service import grammar
 from attention_service.errors import Overloaded, RequestError, Unavailable
+from attention_service.grammar_spec import GrammarSpec
 from attention_service.sampling_params import SamplingParams
 from cluster.api.backend import Backend, close_quietly, getter, open_stream
 from cluster.api.grpc_register import Undecodable, add_generation_servicer
@@ -90,7 +92,10 @@ def to_engine_request(backend: Backend, request: pb.GenerateRequest | Undecodabl
             max_tokens=opt("max_tokens", default_max_tokens(limits_of(backend), backend.max_model_len, ids)),
             temperature=opt("temperature", 1.0), top_p=opt("top_p", 1.0), top_k=opt("top_k", 0),
             seed=opt("seed", None), stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
-            ignore_eos=request.ignore_eos, logprobs=opt("logprobs", None))
+            ignore_eos=request.ignore_eos, logprobs=opt("logprobs", None),
+            grammar=GrammarSpec(request.json_schema, param="json_schema") if request.json_schema else None)
+        if params.grammar is not None:
+            grammar.check(params.grammar)
     except RequestError as e:
         raise _refusal(e) from None
     return ids, params
