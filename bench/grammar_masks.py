@@ -37,16 +37,6 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["id", "n
 SPEC = GrammarSpec(json.dumps(SCHEMA))
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
 def _walked(grammars: Grammars, rows: int, vocab: int) -> list:
     """Matchers each advanced by 0..40 random allowed tokens: a batch spread over the grammar."""
     g = torch.Generator().manual_seed(0)
@@ -63,6 +53,8 @@ def _walked(grammars: Grammars, rows: int, vocab: int) -> list:
 
 
 def sampler_part(tok: Tokenizer, rows: int, repeats: int) -> None:
+    from bench.sampling import median_ms  # here: bench.sampling imports this module
+
     V = tok.vocab_size
     matchers = _walked(Grammars(tok), rows, V)
     logits = torch.randn(rows, V, generator=torch.Generator().manual_seed(1)) * 4
@@ -74,11 +66,11 @@ def sampler_part(tok: Tokenizer, rows: int, repeats: int) -> None:
         apply_bitmask(x, idx, fill_masks(matchers))
         sample(x, params, seeds, steps)
 
-    plain = _median_ms(lambda: sample(logits.clone(), params, seeds, steps), repeats)
-    fill = _median_ms(lambda: fill_masks(matchers), repeats)
+    plain = median_ms(lambda: sample(logits.clone(), params, seeds, steps), repeats)
+    fill = median_ms(lambda: fill_masks(matchers), repeats)
     bits = fill_masks(matchers)
-    apply = _median_ms(lambda: apply_bitmask(logits.clone(), idx, bits), repeats)
-    both = _median_ms(masked, repeats)
+    apply = median_ms(lambda: apply_bitmask(logits.clone(), idx, bits), repeats)
+    both = median_ms(masked, repeats)
     print(f"grammar sampler rows={rows}: plain {plain:.2f} ms, fill mask {fill:.2f} ms, apply mask {apply:.2f} ms, "
           f"fill+apply+sample {both:.2f} ms, ratio {both / plain:.2f}x")
 
