@@ -123,6 +123,9 @@ class AsyncEngine:
         if self.max_waiting is not None and self.engine.num_waiting >= self.max_waiting:
             raise Overloaded(f"server busy: {self.engine.num_waiting} requests already wait; retry later",
                              self.retry_after_s)
+        if params.grammar is not None and self.engine.grammars is not None:
+            # Compiled off the loop (a large schema takes a while) and cached for engine.add.
+            await asyncio.to_thread(self.engine.grammars.compile, params.grammar)
         seq = self.engine.add(prompt_ids, params, trace_context)      # validates before any work
         req = _Request([_Choice(s, self.tokenizer.incremental(context=prompt_ids)) for s in seq.choices])
         for c in req.choices:

@@ -14,6 +14,7 @@ from opentelemetry import trace
 from attention_service.block_manager import BlockManager, PrefixCacheStats
 from attention_service.config import EngineConfig
 from attention_service.errors import ExpertGroupUnavailable, RequestError
+from attention_service.grammar import Grammars
 from attention_service.kv_cache import KVCache
 from attention_service.model import AttentionModel
 from attention_service.model_runner import ModelRunner
@@ -45,6 +46,8 @@ class Engine:
                                   self.max_model_len)
         self.routing = RoutingStats(placement.group_of)
         self.runner.on_route = self.routing.add
+        # Compiles and matches constrained outputs; needs the tokenizer, so open_engine sets it.
+        self.grammars: Grammars | None = None
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse, before any work, what cannot run: bad prompts, too long a context, too small a cache."""
@@ -60,6 +63,11 @@ class Engine:
         seq = Sequence(prompt_ids, params)
         seq.followers = [Sequence(prompt_ids, params, index=i) for i in range(1, params.n)]
         seq.choices += seq.followers
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise RequestError("this engine has no tokenizer for constrained output", params.grammar.param)
+            for s in seq.choices:          # a matcher per choice: each walks its own output
+                s.grammar = self.grammars.matcher(params.grammar)
         # Kept only when the request is sampled, so a step looks at no context of an untraced one.
         if trace_context is not None and trace.get_current_span(trace_context).get_span_context().trace_flags.sampled:
             for s in seq.choices:

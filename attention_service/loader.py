@@ -10,6 +10,7 @@ import torch
 
 from attention_service.config import EngineConfig
 from attention_service.engine import Engine
+from attention_service.grammar import Grammars
 from attention_service.model import AttentionModel
 from attention_service.tokenizer import Tokenizer
 from attention_service.transport import ExpertTransport
@@ -28,7 +29,10 @@ def open_engine(ckpt: Checkpoint, cfg: EngineConfig, transport: ExpertTransport,
                 progress: bool = False) -> tuple[Engine, Tokenizer]:
     """An engine over ckpt's attention weights whose experts are behind `transport`, and its tokenizer."""
     model = load_attention_model(ckpt, resolve_dtype(cfg.dtype, ckpt, cfg.device), cfg.device, progress)
-    return Engine(model, transport, placement, cfg, eos_id=ckpt.config.eos_token_id), Tokenizer.from_checkpoint(ckpt)
+    engine = Engine(model, transport, placement, cfg, eos_id=ckpt.config.eos_token_id)
+    tok = Tokenizer.from_checkpoint(ckpt)
+    engine.grammars = Grammars(tok)
+    return engine, tok
 
 
 async def connect_engine(model_dir: str | Path, experts_at: list[str], cfg: EngineConfig = EngineConfig(),

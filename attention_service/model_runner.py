@@ -19,7 +19,7 @@ micro-batch it is a plain loop on the caller's thread.
 import asyncio
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +27,10 @@ import torch
 from attention_service import cpu_kernels, triton_attention
 from attention_service.attention import AttentionMetadata
 from attention_service.decode_graphs import DecodeGraphs, GraphBatch
+from attention_service.grammar import start_masks
 from attention_service.kv_cache import KVCache
 from attention_service.model import AttentionModel
-from attention_service.sampler import sample, top_logprobs
+from attention_service.sampler import apply_bitmask, sample, top_logprobs
 from attention_service.scheduler import Failed, Scheduled
 from attention_service.sequence import Sequence
 from attention_service.transport import ExpertTransport
@@ -154,21 +155,37 @@ class ModelRunner:
         its sampling raised), None for the rest."""
         if not scheduled:
             return []
-        logits = await self.logits(scheduled)                                    # [B, V]
         sampling = [s.seq for s in scheduled if s.samples]
+        masks = _start_masks(sampling)             # filled on a worker thread while the model runs
+        logits = await self.logits(scheduled)                                    # [B, V]
+        raw = logits
+        if masks is not None:
+            rows, future = masks
+            if any(sampling[i].params.logprobs is not None for i in rows):
+                logits = logits.clone()            # logprobs are the model's own, not the mask's
+            apply_bitmask(logits, rows, await asyncio.wrap_future(future))
         try:
-            picked = _sample(logits, sampling)
+            picked = _sample(logits, sampling, raw)
         except Exception:
             # One request's parameters must not fail the others: sample row by row, and only
             # the rows that still raise fail.
             log.exception("sampling a batch of %d failed; sampling its rows one at a time", len(sampling))
-            picked = [_sample_one(logits[i:i + 1], q) for i, q in enumerate(sampling)]
+            picked = [_sample_one(logits[i:i + 1], q, raw[i:i + 1]) for i, q in enumerate(sampling)]
         it = iter(picked)
         return [next(it) if s.samples else None for s in scheduled]
 
 
-def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits [B, V] -> a token per sequence; logprobs are recorded only once every row succeeded."""
+def _start_masks(seqs: list[Sequence]) -> tuple[list[int], Future] | None:
+    """The rows of seqs with a grammar, and their bitmask being filled (None: no row has one)."""
+    rows = [i for i, q in enumerate(seqs) if q.grammar is not None]
+    if not rows:
+        return None
+    return rows, start_masks([seqs[i].grammar for i in rows], rows, len(seqs))
+
+
+def _sample(logits: torch.Tensor, seqs: list[Sequence], raw: torch.Tensor) -> list[int]:
+    """logits [B, V] -> a token per sequence; logprobs (of raw, the unmasked logits) are
+    recorded only once every row succeeded."""
     params = [q.params for q in seqs]
     history = ([q.token_ids for q in seqs], [q.num_prompt_tokens for q in seqs]) if any(
         p.penalized for p in params) else (None, None)
@@ -177,7 +194,7 @@ def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     records = []
     if want:
         n = max(seqs[i].params.logprobs for i in want)
-        chosen, ids, vals = top_logprobs(logits[want], tokens[want], n)
+        chosen, ids, vals = top_logprobs(raw[want], tokens[want], n)
         for j, i in enumerate(want):
             k = seqs[i].params.logprobs
             records.append((seqs[i], (float(chosen[j]), list(zip(ids[j, :k].tolist(), vals[j, :k].tolist())))))
@@ -186,9 +203,9 @@ def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     return tokens.tolist()
 
 
-def _sample_one(logits: torch.Tensor, seq: Sequence) -> int | Failed:
+def _sample_one(logits: torch.Tensor, seq: Sequence, raw: torch.Tensor) -> int | Failed:
     try:
-        return _sample(logits, [seq])[0]
+        return _sample(logits, [seq], raw)[0]
     except Exception as e:
         log.warning("sampling failed for sequence %d: %s: %s", seq.seq_id, type(e).__name__, e)
         return Failed(f"sampling failed: {type(e).__name__}: {e}")

@@ -5,6 +5,7 @@ import math
 import msgspec
 
 from attention_service.errors import RequestError
+from attention_service.grammar_spec import GrammarSpec
 
 
 class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -34,6 +35,8 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     min_p: float = 0.0
     # Independent completions of the one prompt; they share the prompt's KV blocks.
     n: int = 1
+    # Constrained decoding: the output must match this (attention_service/grammar.py).
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):

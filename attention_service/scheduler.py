@@ -143,6 +143,10 @@ class Scheduler:
                 self.finish(seq, "stop")
             elif tok in p.stop_token_ids:
                 self.finish(seq, "stop")
+            elif seq.grammar is not None and seq.grammar.accept(tok):
+                # Complete (nothing but a stop token may follow), or broken: a token the mask forbade.
+                seq.error = seq.grammar.error
+                self.finish(seq, "error" if seq.grammar.error else "stop")
             elif seq.num_output >= p.max_tokens:
                 self.finish(seq, "length")
         return touched

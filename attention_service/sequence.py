@@ -49,6 +49,7 @@ class Sequence:
         self.arrival = time.monotonic()
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.trace_context = None        # the request's OpenTelemetry context, when it is sampled
+        self.grammar = None              # its grammar.GrammarMatcher, when its output is constrained
 
     @property
     def num_tokens(self) -> int:

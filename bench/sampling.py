@@ -17,9 +17,13 @@ What it measures
     For scale: a decode step of the `bench` model with 32 sequences takes about 21 ms on
     this machine's 2 cores (docs/benchmarks.md).
 
+    Grammar masks (JSON schema) per step, the sampler's share and a decode step's: see
+    bench/grammar_masks.py.
+
 Run
-    .venv/bin/python -m bench.sampling            # a few seconds
-    .venv/bin/python -m bench.sampling --quick    # small shapes, one repeat: checks that it runs
+    .venv/bin/python -m bench.sampling                 # about a minute
+    .venv/bin/python -m bench.sampling --quick         # small shapes, few repeats: checks that it runs
+    .venv/bin/python -m bench.sampling --grammar-only  # only the grammar-mask figures
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch  # noqa: E402
 
 from attention_service.sampler import _TOP_P_CANDIDATES, sample  # noqa: E402
 from attention_service.sampling_params import SamplingParams  # noqa: E402
-from bench import common  # noqa: E402
+from bench import common, grammar_masks  # noqa: E402
 
 # Random logits are flatter than a trained model's: "peaked" stands in for those (its top-p
 # 0.9 cut lies within the first candidates), "flat" is the worst case (it does not).
@@ -95,13 +99,15 @@ def main() -> int:
     ap.add_argument("--rows", default="8,32,64", help="sampling rows per step (default 8,32,64)")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--quick", action="store_true", help="small shapes and one repeat: checks that it runs")
+    ap.add_argument("--grammar-rows", type=int, default=64, help="rows with a JSON-schema grammar (default 64)")
+    ap.add_argument("--quick", action="store_true", help="small shapes, few repeats, the tiny model: a smoke run")
+    ap.add_argument("--grammar-only", action="store_true", help="only the grammar-mask figures")
     a = ap.parse_args()
     if a.quick:
-        a.rows, a.vocab, a.repeats = "4", 2048, 1
+        a.rows, a.vocab, a.repeats, a.grammar_rows = "4", 2048, 1, 8
     common.announce_machine("sampling")
     base = torch.randn(max(int(b) for b in a.rows.split(",")), a.vocab, generator=torch.Generator().manual_seed(0))
-    for shape, scale in SHAPES.items():
+    for shape, scale in ({} if a.grammar_only else SHAPES).items():
         logits = base * scale
         mass = torch.softmax(logits / 0.8, -1).topk(_TOP_P_CANDIDATES, -1).values.sum(-1).median()
         print(f"sampling logits {shape}: N(0, {scale}^2), top {_TOP_P_CANDIDATES} tokens hold {mass:.2f} of the mass")
@@ -112,8 +118,10 @@ def main() -> int:
                 ref = median_ms(lambda: sorted_reference(logits[:b], params, seeds, steps), a.repeats)
                 print(f"sampling {shape} rows={b} {name}: ours {ours:.2f} ms, sort-every-row {ref:.2f} ms, "
                       f"ratio {ref / ours:.1f}x")
-    rows = max(int(b) for b in a.rows.split(","))
-    penalties(base * SHAPES["peaked"], rows, 32 if a.quick else 512, 8 if a.quick else 128, a.repeats)
+    if not a.grammar_only:
+        rows = max(int(b) for b in a.rows.split(","))
+        penalties(base * SHAPES["peaked"], rows, 32 if a.quick else 512, 8 if a.quick else 128, a.repeats)
+    grammar_masks.report(a.grammar_rows, a.repeats, a.quick)
     return 0
 
 

@@ -142,7 +142,8 @@ def test_unknown_and_unsupported_fields_are_typed_errors(app):
     assert e.value.body["param"] == "use_beam_search"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=1,
-                                       response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})
     assert e.value.body["param"] == "response_format"
     # Sent by clients by default, meaningless here: accepted.
     ok = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=1, user="u", metadata={"a": "b"},

@@ -25,7 +25,9 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
+from attention_service import grammar
 from attention_service.errors import Overloaded, RequestError, Unavailable
+from attention_service.grammar_spec import GrammarSpec
 from attention_service.sampling_params import SamplingParams
 from cluster.api.backend import Backend, close_quietly, getter, open_stream
 from cluster.api.grpc_health import FrontDoorHealth
@@ -96,7 +98,10 @@ def to_engine_request(backend: Backend, request: pb.GenerateRequest | Undecodabl
             ignore_eos=request.ignore_eos, logprobs=opt("logprobs", None), n=opt("n", 1),
             presence_penalty=opt("presence_penalty", 0.0), frequency_penalty=opt("frequency_penalty", 0.0),
             repetition_penalty=opt("repetition_penalty", 1.0), min_p=opt("min_p", 0.0),
-            logit_bias=dict(request.logit_bias))
+            logit_bias=dict(request.logit_bias),
+            grammar=GrammarSpec(request.json_schema, param="json_schema") if request.json_schema else None)
+        if params.grammar is not None:
+            grammar.check(params.grammar)
     except RequestError as e:
         raise _refusal(e) from None
     return ids, params

@@ -29,14 +29,16 @@ from starlette.exceptions import HTTPException
 
 from attention_service.async_engine import Delta
 from attention_service.errors import Overloaded, RequestError, Unavailable
+from attention_service.grammar_spec import GrammarSpec
 from attention_service.sampling_params import SamplingParams
-from cluster.api import chat
+from cluster.api import chat, structured
 from cluster.api.access import ApiKeys
 from cluster.api.backend import Backend, close_quietly, getter, open_stream
 from cluster.api.completion import CompletionReply
 from cluster.api.http_guard import HttpGuard
 from cluster.api.limits import check_unicode, default_max_tokens, limits_of
-from cluster.api.request_fields import check_defaults, logit_bias, refuse_structured_output
+from cluster.api.request_fields import check_defaults, logit_bias
+from cluster.api.structured import response_format_grammar
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,7 @@ class _Sampling(BaseModel):
     prompt_cache_retention: Any = None
     prompt_cache_options: Any = None
     moderation: Any = None
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -121,7 +124,6 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     modalities: list[str] | None = None
     audio: Any = None
@@ -204,7 +206,8 @@ def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise APIError(400, f"best_of={req.best_of} is not supported: only best_of = n (every choice "
                            "generated is returned)", "best_of")
-        params = _params(req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs)
+        params = _params(req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs,
+                         response_format_grammar(req.response_format))
         reply = CompletionReply(b.model_name, b.tokenizer, req.logprobs is not None, params.n)
         return await _respond(request, b, req, ids, params, reply)
 
@@ -214,12 +217,12 @@ def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
         req = await _parse(request, ChatRequest, b)
         if req.tool_choice not in (None, "none", "auto") and not req.tools:
             raise APIError(400, f"tool_choice {req.tool_choice!r} needs tools", "tool_choice")
-        refuse_structured_output(req)
+        grammar = _chat_grammar(b, req)
         ids = chat.chat_prompt(b.tokenizer, req.messages, req.tools, req.tool_choice)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         lps = (req.top_logprobs or 0) if req.logprobs else None
         default = default_max_tokens(limits_of(b), b.max_model_len, ids)
-        params = _params(req, limit if limit is not None else default, lps)
+        params = _params(req, limit if limit is not None else default, lps, grammar)
         reply = chat.ChatReply(b.model_name, b.tokenizer, req.tools, req.tool_choice, req.logprobs, params.n)
         return await _respond(request, b, req, ids, params, reply)
 
@@ -251,7 +254,15 @@ async def _parse(request: Request, model: type[_Sampling], backend: Backend) -> 
     return req
 
 
-def _params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _chat_grammar(b: Backend, req: ChatRequest) -> GrammarSpec | None:
+    """The grammar a chat request asks for: a forced tool call's, or its response_format's."""
+    forced = structured.tool_choice_grammar(b.tokenizer, req.tools, req.tool_choice)
+    if forced is not None and req.response_format not in (None, {"type": "text"}):
+        raise APIError(400, "response_format cannot be combined with a forced tool_choice", "response_format")
+    return forced or response_format_grammar(req.response_format)
+
+
+def _params(req: _Sampling, max_tokens: int, logprobs: int | None, grammar: GrammarSpec | None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, top_k=req.top_k or 0,
@@ -260,7 +271,7 @@ def _params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingPa
         n=1 if req.n is None else req.n, presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        min_p=req.min_p or 0.0, logit_bias=logit_bias(req.logit_bias))
+        min_p=req.min_p or 0.0, logit_bias=logit_bias(req.logit_bias), grammar=grammar)
 
 
 # The engine's parameter names, as a chat request spells them.

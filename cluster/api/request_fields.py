@@ -31,20 +31,6 @@ def check_defaults(req: Any) -> None:
             raise RequestError(f"{name}={getattr(req, name)!r} is not supported{only}", name)
 
 
-def refuse_structured_output(req: Any) -> None:
-    """Structured output is not built yet: refused here, rather than ignored, until it is.
-
-    Constrained decoding lifts these: response_format json_object / json_schema, and
-    tool_choice "required" or a named function (unknown fields such as guided_json are
-    refused by the request model)."""
-    kind = (req.response_format or {}).get("type", "text")
-    if kind != "text":
-        raise RequestError(f"response_format type {kind!r} is not supported yet (only 'text')", "response_format")
-    if req.tool_choice == "required" or isinstance(req.tool_choice, dict):
-        raise RequestError(f"tool_choice {req.tool_choice!r} is not enforced yet: use 'auto' or 'none'",
-                           "tool_choice")
-
-
 def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     """OpenAI's logit_bias, whose token ids are JSON keys (strings), as SamplingParams takes it."""
     out = {}
