@@ -51,9 +51,11 @@ async def _generate(ckpt_dir, address: str, access: ShardAccess | None, prompt=P
     engine, _ = open_engine(ckpt, cfg, GrpcTransport([[address]], timeout=10, access=access), placement)
     try:
         (seq,) = await engine.generate([prompt], GREEDY)
-        return seq.output_ids
     finally:
         await engine.close()
+    if seq.finish_reason == "error":           # the step failed: its sequences end with the error named
+        raise RuntimeError(seq.error)
+    return seq.output_ids
 
 
 async def _info(address: str, access: ShardAccess | None) -> grpc.StatusCode:
