@@ -144,9 +144,7 @@ def parse_args() -> argparse.Namespace:
                          f"default {FULL['quiet_wait_s']:.0f})")
     ap.add_argument("--out", default="app_load.json", help="file name under bench/out/")
     a = ap.parse_args()
-    for k, v in (QUICK if a.quick else FULL).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    common.fill_defaults(a, QUICK, FULL)
     return a
 
 

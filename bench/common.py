@@ -60,6 +60,14 @@ def checkpoint(preset_name: str = "bench", seed: int = 0, variant: str | None = 
     return out
 
 
+def fill_defaults(a, quick: dict, full: dict):
+    """Arguments left unset take the --quick or the full run's value; -> a."""
+    for k, v in (quick if a.quick else full).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a
+
+
 def random_prompts(n: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
     """n prompts of lengths uniform in [min_len, max_len]: BOS (1) then ids from [3, vocab)."""
     g = torch.Generator().manual_seed(seed)

@@ -115,9 +115,7 @@ def parse_args() -> argparse.Namespace:
     a = ap.parse_args()
     if a.echo_server:
         return a
-    for k, v in (QUICK if a.quick else FULL).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    common.fill_defaults(a, QUICK, FULL)
     a.out = a.out or ("disagg_tax-quick.json" if a.quick else "disagg_tax.json")
     a.micro_batches = [int(x) for x in a.micro_batches.split(",")]
     a.attn_threads = [int(x) for x in a.attn_threads.split(",")]

@@ -127,9 +127,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", help="file name under bench/out/ (default engine_load.json, "
                                   "engine_load-quick.json with --quick)")
     a = ap.parse_args()
-    for k, v in (QUICK if a.quick else FULL).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    common.fill_defaults(a, QUICK, FULL)
     a.out = a.out or ("engine_load-quick.json" if a.quick else "engine_load.json")
     a.hf_batches = [int(x) for x in a.hf_batches.split(",")]
     a.long_mbt = [int(x) for x in a.long_mbt.split(",")]

@@ -84,9 +84,7 @@ def parse_args() -> argparse.Namespace:
                     help="before each run, wait up to this long for other processes to go quiet (0: never)")
     ap.add_argument("--out", default="engine_vs_hf.json", help="file name under bench/out/")
     a = ap.parse_args()
-    for k, v in (QUICK if a.quick else FULL).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    common.fill_defaults(a, QUICK, FULL)
     a.mbt = [int(x) for x in a.mbt.split(",")]
     a.hf = [(impl, int(bs)) for impl, bs in (p.split(":") for p in a.hf.split(","))]
     return a

@@ -69,9 +69,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="prefix.json", help="file name under bench/out/")
     a = ap.parse_args()
-    for k, v in (QUICK if a.quick else FULL).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    common.fill_defaults(a, QUICK, FULL)
     return a
 
 
