@@ -5,8 +5,9 @@ Shapes: B sequences sampling this step, G of them with a grammar, V vocab, W = c
 xgrammar compiles a schema against the vocabulary once (cached by schema text), each
 sequence keeps a matcher that is advanced with every token it accepts, and a step's masks
 for all its grammar rows are filled in one call on a worker thread, started before the
-forward and joined before sampling, so the mask costs the step only what the forward does
-not hide. The sampler (sampler.apply_bitmask) sends disallowed tokens to -inf.
+forward and joined before sampling, and unpacked there into what applying them needs
+(token_mask.py), so the mask costs the step only what the forward does not hide. The
+runner then sends disallowed tokens to -inf (TokenMask.apply_) before sampling.
 
 Output is compact JSON (no free whitespace: a weak model would otherwise spend its tokens
 on it) after an optional space, the one SentencePiece writes before a first word. Control
@@ -25,6 +26,7 @@ import xgrammar as xgr
 
 from attention_service.errors import RequestError
 from attention_service.grammar_spec import GrammarSpec
+from attention_service.token_mask import TokenMask
 
 if TYPE_CHECKING:
     from attention_service.tokenizer import Tokenizer
@@ -144,19 +146,22 @@ class Grammars:
 
 
 # One worker for every engine in the process: steps of one engine never overlap, and the
-# batch matcher spreads a step's rows over its own threads.
-_worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+# batch matcher spreads a step's rows over its own threads. Its torch ops (unpacking the
+# masks) are small: run on one thread, they leave the forward's threads alone.
+_worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask", initializer=torch.set_num_threads, initargs=(1,))
 _batch: list[xgr.BatchGrammarMatcher] = []
 
 
-def fill_masks(matchers: list[GrammarMatcher], rows: list[int] | None = None, batch: int | None = None
-               ) -> torch.Tensor:
-    """Bitmask [B, W] int32: row rows[g] holds the tokens matchers[g] allows next, the other
-    rows allow everything (B = batch, by default G, with rows 0..G-1; W from the vocabulary)."""
+def fill_masks(matchers: list[GrammarMatcher], rows: list[int] | None = None, batch: int | None = None,
+               device: torch.device | str = "cpu") -> TokenMask:
+    """The mask of a batch of B = batch (by default G) rows: row rows[g] (by default g) allows
+    the tokens matchers[g] allows next, the other rows allow everything; unpacked for logits
+    on device (see token_mask.py)."""
     rows = list(range(len(matchers))) if rows is None else rows
     if not _batch:
         _batch.append(xgr.BatchGrammarMatcher())
-    bitmask = xgr.allocate_token_bitmask(batch or len(matchers), matchers[0].vocab_size)
+    vocab = matchers[0].vocab_size
+    bitmask = xgr.allocate_token_bitmask(batch or len(matchers), vocab)
     free = [g for g, m in enumerate(matchers) if not m.pending]
     if free:
         _batch[0].batch_fill_next_token_bitmask([matchers[g].matcher for g in free], bitmask,
@@ -164,9 +169,24 @@ def fill_masks(matchers: list[GrammarMatcher], rows: list[int] | None = None, ba
     for g, m in enumerate(matchers):
         if m.pending:
             m.fill(bitmask, rows[g])
-    return bitmask
+    if torch.device(device).type == "cpu":
+        return TokenMask.unpack(bitmask, rows, vocab)
+    return TokenMask(bitmask, rows, vocab)
 
 
-def start_masks(matchers: list[GrammarMatcher], rows: list[int], batch: int) -> Future:
-    """fill_masks on the worker thread; the Future's result is the bitmask."""
-    return _worker.submit(fill_masks, matchers, rows, batch)
+def start_masks(matchers: list[GrammarMatcher], rows: list[int], batch: int, device: torch.device) -> Future:
+    """fill_masks on the worker thread; the Future's result is the TokenMask."""
+    return _worker.submit(fill_masks, matchers, rows, batch, device)
+
+
+def apply_masks(masks: Future, logits: torch.Tensor) -> Future:
+    """start_masks's masks applied to logits in place; the Future is done once they are. CPU
+    logits are masked on the worker too: on one thread its passes take as long as on two,
+    and a core busy with something else cannot hold them up (a pass split over two threads
+    waits for the slower one)."""
+    if logits.device.type == "cpu":
+        return _worker.submit(lambda: masks.result().apply_(logits))
+    masks.result().apply_(logits)  # the GPU kernel goes on the caller's stream, after the logits
+    done = Future()
+    done.set_result(None)
+    return done

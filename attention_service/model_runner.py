@@ -27,10 +27,10 @@ import torch
 from attention_service import cpu_kernels, triton_attention
 from attention_service.attention import AttentionMetadata
 from attention_service.decode_graphs import DecodeGraphs, GraphBatch
-from attention_service.grammar import start_masks
+from attention_service.grammar import apply_masks, start_masks
 from attention_service.kv_cache import KVCache
 from attention_service.model import AttentionModel
-from attention_service.sampler import apply_bitmask, sample, top_logprobs
+from attention_service.sampler import sample, top_logprobs
 from attention_service.scheduler import Failed, Scheduled
 from attention_service.sequence import Sequence
 from attention_service.transport import ExpertTransport
@@ -156,14 +156,14 @@ class ModelRunner:
         if not scheduled:
             return []
         sampling = [s.seq for s in scheduled if s.samples]
-        masks = _start_masks(sampling)             # filled on a worker thread while the model runs
+        masks = _start_masks(sampling, self.model.device)   # filled on a worker thread while the model runs
         logits = await self.logits(scheduled)                                    # [B, V]
         raw = logits
         if masks is not None:
             rows, future = masks
             if any(sampling[i].params.logprobs is not None for i in rows):
                 logits = logits.clone()            # logprobs are the model's own, not the mask's
-            apply_bitmask(logits, rows, await asyncio.wrap_future(future))
+            await asyncio.wrap_future(apply_masks(future, logits))
         try:
             picked = _sample(logits, sampling, raw)
         except Exception:
@@ -175,12 +175,12 @@ class ModelRunner:
         return [next(it) if s.samples else None for s in scheduled]
 
 
-def _start_masks(seqs: list[Sequence]) -> tuple[list[int], Future] | None:
-    """The rows of seqs with a grammar, and their bitmask being filled (None: no row has one)."""
+def _start_masks(seqs: list[Sequence], device: torch.device) -> tuple[list[int], Future] | None:
+    """The rows of seqs with a grammar, and their TokenMask being filled (None: no row has one)."""
     rows = [i for i, q in enumerate(seqs) if q.grammar is not None]
     if not rows:
         return None
-    return rows, start_masks([seqs[i].grammar for i in rows], rows, len(seqs))
+    return rows, start_masks([seqs[i].grammar for i in rows], rows, len(seqs), device)
 
 
 def _sample(logits: torch.Tensor, seqs: list[Sequence], raw: torch.Tensor) -> list[int]:

@@ -24,7 +24,6 @@ the distribution the cuts define.
 import itertools
 
 import torch
-import xgrammar as xgr
 
 from attention_service.sampling_params import SamplingParams
 
@@ -165,15 +164,3 @@ def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> tuple[to
     chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
     values, ids = logp.topk(n, dim=-1) if n > 0 else (logp[:, :0], tokens[:, None][:, :0])
     return chosen, ids, values
-
-
-
-def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
-    """In place: each row r in rows of logits [B, V] loses (to -inf) every token whose bit in
-    bitmask[r] ([B, W] int32) is 0; the other rows are untouched.
-
-    Bit j of word w is token 32 w + j (attention_service/grammar.py fills them). xgrammar's
-    kernel (C++ on CPU, a GPU kernel on CUDA) does it in one pass over the rows; unpacking
-    the bits with torch ops takes several passes and about ten times as long on a CPU.
-    """
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)

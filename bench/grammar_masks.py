@@ -4,8 +4,10 @@ What it measures
     Rows with a JSON-schema grammar (SCHEMA: nested keys, bounded and free strings, an enum
     array), their matchers walked to different places in it by random allowed tokens first.
     1. The sampler alone on logits [rows, V]: plain `sample` against fill the batch's
-       bitmask (attention_service.grammar.fill_masks) + `apply_bitmask` + `sample`; the
-       fill on its own too, since in the engine it runs beside the forward.
+       mask (the bitmask, unpacked) and apply it, both on the grammar worker as the engine
+       does (attention_service.grammar.start_masks, apply_masks), + `sample`; the fill on
+       its own too, since in the engine it runs beside the forward, and the apply (logits
+       copy included) against xgrammar's own CPU kernel on the same bitmask.
     2. A decode step of the engine (model `bench`; `--quick`: `tiny`) with that many
        sequences, none constrained against all constrained: the mask's added time per step
        as the engine pays it (fill hidden behind the forward where it fits), and that
@@ -18,12 +20,14 @@ import asyncio
 import json
 import statistics
 import time
+from concurrent.futures import Future
 
 import torch
+import xgrammar as xgr
 
-from attention_service.grammar import Grammars, fill_masks
+from attention_service.grammar import Grammars, apply_masks, fill_masks, start_masks
 from attention_service.grammar_spec import GrammarSpec
-from attention_service.sampler import apply_bitmask, sample
+from attention_service.sampler import sample
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
 
@@ -45,7 +49,7 @@ def _walked(grammars: Grammars, rows: int, vocab: int) -> list:
         m = grammars.matcher(SPEC)
         for _ in range(int(torch.randint(41, (1,), generator=g))):
             logits = torch.randn(1, vocab, generator=g)
-            apply_bitmask(logits, [0], fill_masks([m]))
+            fill_masks([m]).apply_(logits)
             if m.accept(int(logits.argmax())):
                 break
         out.append(m)
@@ -59,20 +63,24 @@ def sampler_part(tok: Tokenizer, rows: int, repeats: int) -> None:
     matchers = _walked(Grammars(tok), rows, V)
     logits = torch.randn(rows, V, generator=torch.Generator().manual_seed(1)) * 4
     params, seeds, steps = [SamplingParams(temperature=0.8)] * rows, list(range(rows)), [7] * rows
-    idx = list(range(rows))
 
-    def masked() -> None:
+    rows_ = list(range(rows))
+
+    def masked() -> None:           # as the engine does it: fill and apply on the grammar worker
         x = logits.clone()
-        apply_bitmask(x, idx, fill_masks(matchers))
+        apply_masks(start_masks(matchers, rows_, rows, x.device), x).result()
         sample(x, params, seeds, steps)
 
     plain = median_ms(lambda: sample(logits.clone(), params, seeds, steps), repeats)
-    fill = median_ms(lambda: fill_masks(matchers), repeats)
-    bits = fill_masks(matchers)
-    apply = median_ms(lambda: apply_bitmask(logits.clone(), idx, bits), repeats)
+    fill = median_ms(lambda: start_masks(matchers, rows_, rows, logits.device).result(), repeats)
+    ready = Future()
+    ready.set_result(fill_masks(matchers))
+    mask = ready.result()
+    apply = median_ms(lambda: apply_masks(ready, logits.clone()).result(), repeats)
+    kernel = median_ms(lambda: xgr.apply_token_bitmask_inplace(logits.clone(), mask.bitmask), repeats)
     both = median_ms(masked, repeats)
-    print(f"grammar sampler rows={rows}: plain {plain:.2f} ms, fill mask {fill:.2f} ms, apply mask {apply:.2f} ms, "
-          f"fill+apply+sample {both:.2f} ms, ratio {both / plain:.2f}x")
+    print(f"grammar sampler rows={rows}: plain {plain:.2f} ms, fill mask {fill:.2f} ms, apply mask {apply:.2f} ms "
+          f"(xgrammar's CPU kernel {kernel:.2f} ms), fill+apply+sample {both:.2f} ms, ratio {both / plain:.2f}x")
 
 
 def engine_part(preset_name: str, rows: int, steps: int) -> None:

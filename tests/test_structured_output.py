@@ -18,7 +18,6 @@ import torch
 from attention_service.errors import RequestError
 from attention_service.grammar import Grammars, fill_masks
 from attention_service.grammar_spec import GrammarSpec
-from attention_service.sampler import apply_bitmask
 from attention_service.sampling_params import SamplingParams
 from attention_service.tokenizer import Tokenizer
 from cluster.api.backend import LocalBackend
@@ -157,7 +156,7 @@ def test_mask_allows_exactly_the_grammar(make_ckpt):
 
     def allowed() -> set[int]:
         logits = torch.zeros(2, tok.vocab_size)
-        apply_bitmask(logits, [1], fill_masks([m], [1], 2))
+        fill_masks([m], [1], 2).apply_(logits)
         assert bool(torch.isfinite(logits[0]).all())          # rows without a grammar are untouched
         return set(torch.isfinite(logits[1]).nonzero().flatten().tolist())
 

@@ -1,0 +1,32 @@
+"""TokenMask.apply_ (the words path on CPU, xgrammar's kernel elsewhere) gives exactly what
+xgrammar's own kernel gives, bit for bit, and masks only the rows with a grammar."""
+
+import pytest
+import torch
+import xgrammar as xgr
+
+from attention_service.token_mask import TokenMask
+
+
+@pytest.mark.parametrize("vocab, width", [(32000, 32000), (131072, 131072), (101, 101), (70, 80), (31, 40)])
+def test_apply_matches_xgrammars_kernel(vocab, width):
+    g = torch.Generator().manual_seed(vocab)
+    B, rows = 6, [0, 2, 3, 5]
+    bits = torch.randint(-2**31, 2**31 - 1, (B, (vocab + 31) // 32), dtype=torch.int32, generator=g)
+    bits[0] = 0                                  # nothing allowed
+    bits[2, ::2] = 0                             # whole words off, mixed words between
+    bits[5] = -1                                 # everything allowed
+    bitmask = xgr.allocate_token_bitmask(B, vocab)
+    bitmask[rows] = bits[rows]
+    logits = torch.randn(B, width, generator=g) * 4
+    logits[:, :2] = torch.tensor([-0.0, 0.0])   # signed zeros, where allowed, kept as they were
+    want = logits.clone()
+    xgr.apply_token_bitmask_inplace(want, bitmask, vocab_size=vocab, indices=rows)
+    want[rows, vocab:] = float("-inf")           # past the grammar's vocabulary: never allowed
+
+    for mask in (TokenMask.unpack(bitmask, rows, vocab), TokenMask(bitmask, rows, vocab)):
+        got = logits.clone()
+        mask.apply_(got)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert torch.equal(got[[1, 4]], logits[[1, 4]])          # rows without a grammar: untouched
+    assert bool(torch.isinf(got[0]).all()) and bool(torch.isfinite(got[5, :vocab]).all())
