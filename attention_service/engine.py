@@ -57,11 +57,11 @@ class Engine:
                                f"{self.blocks.capacity_tokens}", "max_tokens")
 
     def add(self, prompt_ids: list[int], params: SamplingParams, trace_context=None) -> Sequence:
-        """The request's first choice; all n are its `.choices`. trace_context: the request's
-        OpenTelemetry context, for the steps that serve it."""
+        """The request's first choice; all n (best_of, when more) are its `.choices`.
+        trace_context: the request's OpenTelemetry context, for the steps that serve it."""
         self.check_request(prompt_ids, params)
         seq = Sequence(prompt_ids, params)
-        seq.followers = [Sequence(prompt_ids, params, index=i) for i in range(1, params.n)]
+        seq.followers = [Sequence(prompt_ids, params, index=i) for i in range(1, params.candidates)]
         seq.choices += seq.followers
         if params.grammar is not None:
             if self.grammars is None:

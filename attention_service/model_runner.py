@@ -161,7 +161,7 @@ class ModelRunner:
         raw = logits
         if masks is not None:
             rows, future = masks
-            if any(sampling[i].params.logprobs is not None for i in rows):
+            if any(sampling[i].params.scored for i in rows):
                 logits = logits.clone()            # logprobs are the model's own, not the mask's
             await asyncio.wrap_future(apply_masks(future, logits))
         try:
@@ -185,21 +185,24 @@ def _start_masks(seqs: list[Sequence], device: torch.device) -> tuple[list[int],
 
 def _sample(logits: torch.Tensor, seqs: list[Sequence], raw: torch.Tensor) -> list[int]:
     """logits [B, V] -> a token per sequence; logprobs (of raw, the unmasked logits) are
-    recorded only once every row succeeded."""
+    recorded only once every row succeeded: the top ones where asked for, the sum of the
+    sampled ones where the request ranks its candidates (best_of)."""
     params = [q.params for q in seqs]
     history = ([q.token_ids for q in seqs], [q.num_prompt_tokens for q in seqs]) if any(
         p.penalized for p in params) else (None, None)
     tokens = sample(logits, params, [q.seed for q in seqs], [q.num_output for q in seqs], *history)
-    want = [i for i, q in enumerate(seqs) if q.params.logprobs is not None]
+    want = [i for i, q in enumerate(seqs) if q.params.scored]
     records = []
     if want:
-        n = max(seqs[i].params.logprobs for i in want)
+        n = max(seqs[i].params.logprobs or 0 for i in want)
         chosen, ids, vals = top_logprobs(raw[want], tokens[want], n)
         for j, i in enumerate(want):
-            k = seqs[i].params.logprobs
-            records.append((seqs[i], (float(chosen[j]), list(zip(ids[j, :k].tolist(), vals[j, :k].tolist())))))
-    for q, rec in records:
-        q.logprobs.append(rec)
+            k, lp = seqs[i].params.logprobs, float(chosen[j])
+            records.append((seqs[i], lp, None if k is None else list(zip(ids[j, :k].tolist(), vals[j, :k].tolist()))))
+    for q, lp, top in records:
+        q.cumulative_logprob += lp
+        if top is not None:
+            q.logprobs.append((lp, top))
     return tokens.tolist()
 
 

@@ -35,6 +35,10 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     min_p: float = 0.0
     # Independent completions of the one prompt; they share the prompt's KV blocks.
     n: int = 1
+    # OpenAI's best_of: generate this many candidates (choices 0..best_of-1, each what n =
+    # best_of would give) and return the n with the highest mean log-probability per token,
+    # scored on the model's own distribution, as `logprobs` reports it. None: n.
+    best_of: int | None = None
     # Constrained decoding: the output must match this (attention_service/grammar.py).
     grammar: GrammarSpec | None = None
 
@@ -65,12 +69,29 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise RequestError(f"logit_bias values must be in [-100, 100], got {bad}", "logit_bias")
         if self.n < 1:
             raise RequestError(f"n must be at least 1, got {self.n}", "n")
+        if self.best_of is not None and self.best_of < self.n:
+            raise RequestError(f"best_of must be at least n ({self.n}), got {self.best_of}", "best_of")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must not be empty", "stop")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def candidates(self) -> int:
+        """Sequences generated: best_of, or n."""
+        return self.n if self.best_of is None else self.best_of
+
+    @property
+    def ranked(self) -> bool:
+        """Whether only the best n of the candidates are returned."""
+        return self.candidates > self.n
+
+    @property
+    def scored(self) -> bool:
+        """Whether each sampled token's log-probability is needed (reported, or ranked on)."""
+        return self.logprobs is not None or self.ranked
 
     @property
     def penalized(self) -> bool:

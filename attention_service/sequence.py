@@ -27,7 +27,7 @@ def choice_seed(seed: int, index: int) -> int:
 class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, seed: int | None = None, index: int = 0):
         self.seq_id = next(_ids)
-        self.index = index               # which of the request's n choices this is
+        self.index = index               # which of the request's choices (best_of candidates) this is
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.params = params
@@ -48,6 +48,7 @@ class Sequence:
         self.error: str | None = None    # why it finished with "error"
         self.arrival = time.monotonic()
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.cumulative_logprob = 0.0    # of its output tokens, kept when the request ranks its choices (best_of)
         self.trace_context = None        # the request's OpenTelemetry context, when it is sampled
         self.grammar = None              # its grammar.GrammarMatcher, when its output is constrained
 

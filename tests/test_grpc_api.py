@@ -100,6 +100,20 @@ def test_choices_and_sampling_controls(served):
     assert [t for r in forced for t in r.token_ids] == [1234] * 4
 
 
+def test_best_of_returns_the_best_candidate(served):
+    """best_of = 3, n = 1: the one of the three n = 3 choices with the highest mean logprob,
+    once, with the other candidates' tokens counted."""
+    stub, _ = served
+    kw = dict(text="Hello", max_tokens=5, temperature=1.0, seed=5, ignore_eos=True)
+    three = collect(stub, n=3, logprobs=0, **kw)
+    mean = {i: sum(lp.logprob for r in three if r.index == i for lp in r.logprobs) / 5 for i in range(3)}
+    best = max(range(3), key=lambda i: (mean[i], -i))
+    (one,) = collect(stub, best_of=3, **kw)
+    assert one.index == 0 and one.finish_reason == "length"
+    assert list(one.token_ids) == [t for r in three if r.index == best for t in r.token_ids]
+    assert one.usage.completion_tokens == 5 and one.usage.unreturned_tokens == 10
+
+
 @pytest.mark.parametrize("fields,code,words", [
     ({"model": "gpt-4", "text": "hi"}, grpc.StatusCode.NOT_FOUND, "does not exist"),
     ({}, grpc.StatusCode.INVALID_ARGUMENT, "no prompt"),
@@ -114,6 +128,8 @@ def test_choices_and_sampling_controls(served):
     ({"text": "hi", "stop": [""]}, grpc.StatusCode.INVALID_ARGUMENT, "stop"),
     ({"text": "hi", "n": 0}, grpc.StatusCode.INVALID_ARGUMENT, "n must be"),
     ({"text": "hi", "n": 99}, grpc.StatusCode.INVALID_ARGUMENT, "n may be 16"),
+    ({"text": "hi", "n": 3, "best_of": 2}, grpc.StatusCode.INVALID_ARGUMENT, "best_of must be at least n"),
+    ({"text": "hi", "best_of": 17}, grpc.StatusCode.INVALID_ARGUMENT, "best_of may be 16"),
     ({"text": "hi", "presence_penalty": 3}, grpc.StatusCode.INVALID_ARGUMENT, "presence_penalty"),
     ({"text": "hi", "repetition_penalty": 0}, grpc.StatusCode.INVALID_ARGUMENT, "repetition_penalty"),
     ({"text": "hi", "logit_bias": {40000: 1.0}}, grpc.StatusCode.INVALID_ARGUMENT, "logit_bias token id"),

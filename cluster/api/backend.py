@@ -100,9 +100,10 @@ class Choices:
         return [(i, [d for d in deltas if d.index == i]) for i in sorted(self.last)]
 
     def usage(self) -> dict:
-        """OpenAI's usage object: the prompt once, every choice's completion tokens."""
+        """OpenAI's usage object: the prompt once, every choice's completion tokens, and those
+        of the best_of candidates not returned (generated all the same)."""
         prompt = max((d.prompt_tokens for d in self.last.values()), default=0)
-        completion = sum(d.completion_tokens for d in self.last.values())
+        completion = sum(d.completion_tokens + d.unreturned_tokens for d in self.last.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

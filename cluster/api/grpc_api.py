@@ -9,7 +9,8 @@ stop condition, the limits' `default_max_tokens` or the end of the context; unse
 `temperature`, `top_p` and `top_k` take the OpenAI defaults (1.0, 1.0, no cut), so an
 empty request samples as /v1/completions does; unset penalties and `min_p` are off; unset
 `seed` draws a fresh one; unset `logprobs` returns none; unset `n` is one choice. With
-n > 1 the choices' responses interleave, each marked with its `index`.
+n > 1 the choices' responses interleave, each marked with its `index`; with `best_of` > n
+the n best come, one response each, once every candidate has finished.
 
 Calls carry the API key, when the app has any, as `authorization: Bearer KEY` metadata
 (UNAUTHENTICATED without it). A request the server cannot serve now ends UNAVAILABLE
@@ -96,6 +97,7 @@ def to_engine_request(backend: Backend, request: pb.GenerateRequest | Undecodabl
             temperature=opt("temperature", 1.0), top_p=opt("top_p", 1.0), top_k=opt("top_k", 0),
             seed=opt("seed", None), stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
             ignore_eos=request.ignore_eos, logprobs=opt("logprobs", None), n=opt("n", 1),
+            best_of=opt("best_of", None),
             presence_penalty=opt("presence_penalty", 0.0), frequency_penalty=opt("frequency_penalty", 0.0),
             repetition_penalty=opt("repetition_penalty", 1.0), min_p=opt("min_p", 0.0),
             logit_bias=dict(request.logit_bias),
@@ -138,7 +140,8 @@ async def generate(backend: Backend, request: pb.GenerateRequest | Undecodable
                    for lp, alts in d.logprobs or []]
             yield pb.GenerateResponse(
                 request_id=rid, token_ids=d.token_ids, text=d.text, finish_reason=d.finish_reason or "",
-                usage=pb.Usage(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens),
+                usage=pb.Usage(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens,
+                               unreturned_tokens=d.unreturned_tokens),
                 logprobs=lps, index=d.index)
     except RpcError:
         raise

@@ -35,7 +35,8 @@ class RequestLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_stop: int = 16
     max_stop_chars: int = 512
     max_stop_token_ids: int = 64
-    # Choices per request (n): each is a sequence of its own once the prompt is computed.
+    # Choices per request (n, and best_of's candidates): each is a sequence of its own
+    # once the prompt is computed.
     max_n: int = 16
     # logit_bias entries: each is one scattered add on every step.
     max_logit_bias: int = 300
@@ -83,6 +84,8 @@ def check_params(params: SamplingParams, limits: RequestLimits, vocab_size: int)
         raise RequestError(f"seed must fit in 64 bits, got {params.seed}", "seed")
     if params.n > limits.max_n:
         raise RequestError(f"n may be {limits.max_n} at most, got {params.n}", "n")
+    if params.candidates > limits.max_n:
+        raise RequestError(f"best_of may be {limits.max_n} at most (limits.max_n), got {params.best_of}", "best_of")
     if len(params.logit_bias) > limits.max_logit_bias:
         raise RequestError(f"at most {limits.max_logit_bias} logit_bias entries, got {len(params.logit_bias)}",
                            "logit_bias")

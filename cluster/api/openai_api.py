@@ -203,11 +203,11 @@ def add_openai_routes(app: FastAPI, get_backend: Callable[[], Backend]) -> None:
                 raise APIError(400, "batched prompts are not supported: send one prompt per request", "prompt")
             p = p[0]
         ids = b.tokenizer.encode(p) if isinstance(p, str) else list(p)
-        if req.best_of is not None and req.best_of != (req.n or 1):
-            raise APIError(400, f"best_of={req.best_of} is not supported: only best_of = n (every choice "
-                           "generated is returned)", "best_of")
         params = _params(req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs,
-                         response_format_grammar(req.response_format))
+                         response_format_grammar(req.response_format), req.best_of)
+        if req.stream and params.ranked:
+            raise APIError(400, f"best_of={req.best_of} > n={params.n} cannot be streamed: the best are known only "
+                           "once every candidate has finished", "best_of")
         reply = CompletionReply(b.model_name, b.tokenizer, req.logprobs is not None, params.n)
         return await _respond(request, b, req, ids, params, reply)
 
@@ -262,7 +262,8 @@ def _chat_grammar(b: Backend, req: ChatRequest) -> GrammarSpec | None:
     return forced or response_format_grammar(req.response_format)
 
 
-def _params(req: _Sampling, max_tokens: int, logprobs: int | None, grammar: GrammarSpec | None) -> SamplingParams:
+def _params(req: _Sampling, max_tokens: int, logprobs: int | None, grammar: GrammarSpec | None,
+            best_of: int | None = None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, top_k=req.top_k or 0,
@@ -271,7 +272,7 @@ def _params(req: _Sampling, max_tokens: int, logprobs: int | None, grammar: Gram
         n=1 if req.n is None else req.n, presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        min_p=req.min_p or 0.0, logit_bias=logit_bias(req.logit_bias), grammar=grammar)
+        min_p=req.min_p or 0.0, logit_bias=logit_bias(req.logit_bias), grammar=grammar, best_of=best_of)
 
 
 # The engine's parameter names, as a chat request spells them.
