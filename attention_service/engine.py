@@ -144,7 +144,8 @@ class Engine:
                         "moe_serve.tokens": sum(s.num_tokens for s in scheduled)})
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
-        """Offline batch generation: run every prompt to completion; its n choices in order."""
+        """Offline batch generation: run every prompt to completion; its choices in order (all
+        best_of candidates, unranked: ranking is the async engine's)."""
         seqs = [c for p in prompts for c in self.add(p, params).choices]
         while self.has_work:
             await self.step()

@@ -11,13 +11,13 @@ freed and it goes back to the front of the queue to be recomputed from its token
 far (what of them is still cached is taken back, not recomputed). Sampling depends only
 on (seed, tokens so far), so the recompute gives the same tokens it would have.
 
-A request for n choices is admitted as its first choice alone. Once that one has computed
-the prompt (the step that samples its first token), the others fork from it: each takes
-its full prompt blocks by reference (block_manager.fork) and joins the queue's front to
-compute only the last, partial block (at least the last prompt token, whose logits give
-its first token). Forking after prefill rather than admitting copies that hit the prefix
-cache works with prefix caching off, cannot lose the blocks to eviction in between, and
-needs no copy of a half-written block nor n draws from one row of logits.
+A request for n choices (or best_of candidates) is admitted as its first choice alone. Once
+that one has computed the prompt (the step that samples its first token), the others fork
+from it: each takes its full prompt blocks by reference (block_manager.fork) and joins
+the queue's front to compute only the last, partial block (at least the last prompt
+token, whose logits give its first token). Forking after prefill rather than admitting
+copies that hit the prefix cache works with prefix caching off, cannot lose the blocks to
+eviction in between, and needs no copy of a half-written block nor n draws from one row of logits.
 """
 
 from collections import deque

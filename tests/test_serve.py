@@ -66,6 +66,9 @@ def test_completions_match_the_in_process_engine(app, local):
                                             stream=True))
     for i in range(2):
         assert "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) == r.choices[0].text
+    # best_of: the best two of three candidates (greedy, so alike), every candidate's tokens billed.
+    best = client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=10, temperature=0, n=2, best_of=3)
+    assert [c.text for c in best.choices] == [r.choices[0].text] * 2 and best.usage.completion_tokens == 30
 
 
 def test_chat_streams_and_stops(app):
