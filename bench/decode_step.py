@@ -7,12 +7,16 @@ What it measures
       cpu_ms   this process's CPU time per step, median (with one torch thread: less moved
                by other processes' load than wall time, which a shared machine makes noisy)
       wall_ms  wall time per step, median
-    for the fused CPU ops (csrc/fused.cpp) on and off, alternating run by run in the one
-    process; the ratio off / on is the figure. Tokens must come out the same both ways.
+    for one of our CPU kernels on and off, alternating run by run in the one process; the
+    ratio off / on is the figure. Tokens must come out the same both ways.
+      --compare fused    the fused small ops (attention_service/csrc/fused.cpp) against torch's
+      --compare panels   the panel matmul for a few rows (mixtral/csrc/panel_linear.cpp)
+                         against oneDNN's
 
 Run
     .venv/bin/python -m bench.decode_step            # about a minute
     .venv/bin/python -m bench.decode_step --threads 2
+    .venv/bin/python -m bench.decode_step --compare panels --threads 2
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from attention_service.config import EngineConfig
 from attention_service.sampling_params import SamplingParams
 from bench import common
 from cluster.local import build_engine
+from mixtral import linear
 
 
 def parse_args() -> argparse.Namespace:
@@ -36,7 +41,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--new", type=int, default=64, help="new tokens per run (default 64)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per side (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--out", default="decode_step.json", help="file name under bench/out/")
+    ap.add_argument("--compare", choices=("fused", "panels"), default="fused",
+                    help="the kernel to switch on and off (default: fused)")
+    ap.add_argument("--out", help="file name under bench/out/ (default decode_step_<compare>.json)")
     return ap.parse_args()
 
 
@@ -62,34 +69,40 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     result: dict = {"args": vars(a), "machine": common.announce_machine("decode_step")}
     engine, _ = build_engine(common.checkpoint("bench"), EngineConfig())
-    fused = engine.model.fused
+    if a.compare == "fused":
+        fused = engine.model.fused
+        sides = {"on": lambda: setattr(engine.model, "fused", fused),
+                 "off": lambda: setattr(engine.model, "fused", None)}
+    else:
+        fused = linear.SMALL_ROWS if isinstance(engine.model.lm_head, linear.Packed) else None
+        sides = {"on": lambda: setattr(linear, "SMALL_ROWS", fused), "off": lambda: setattr(linear, "SMALL_ROWS", 0)}
     if fused is None:
-        print("decode_step: the fused CPU ops do not apply here (no compiler, or not fp32 on CPU)")
+        print(f"decode_step: the {a.compare} CPU kernels do not apply here (no compiler, or not fp32 on CPU)")
         return 1
     prompt = common.random_prompts(1, 128, 128, 32000, seed=0)[0]
     loop = asyncio.new_event_loop()
-    sides = {"on": fused, "off": None}
     steps: dict[str, list] = {s: [] for s in sides}
     tokens: dict[str, list] = {}
     one_run(engine, loop, prompt, 8)                             # warm-up
     for _ in range(a.repeats):
-        for side, ops in sides.items():
-            engine.model.fused = ops
+        for side, switch in sides.items():
+            switch()
             tokens[side], st = one_run(engine, loop, prompt, a.new)
             steps[side] += st
-    for side, ops in sides.items():
-        engine.model.fused = ops
+    for side, switch in sides.items():
+        switch()
         _, count = one_run(engine, loop, prompt, 17, prof=True)
         cpu = statistics.median(c for c, _ in steps[side]) * 1e3
         wall = statistics.median(w for _, w in steps[side]) * 1e3
         result[side] = {"ops": count, "cpu_ms": round(cpu, 3), "wall_ms": round(wall, 3)}
-        print(f"decode_step fused {side}: {count:.0f} ops, {cpu:.2f} ms CPU, {wall:.2f} ms wall per step "
+        print(f"decode_step {a.compare} {side}: {count:.0f} ops, {cpu:.2f} ms CPU, {wall:.2f} ms wall per step "
               f"(median of {len(steps[side])} steps, {a.threads} thread(s))", flush=True)
     on, off = result["on"], result["off"]
     result["same_tokens"] = tokens["on"] == tokens["off"]
-    print(f"decode_step ratio off/on: ops {off['ops'] / on['ops']:.2f}x, CPU {off['cpu_ms'] / on['cpu_ms']:.2f}x, "
-          f"wall {off['wall_ms'] / on['wall_ms']:.2f}x; same tokens: {result['same_tokens']}")
-    common.write_json(a.out, result)
+    print(f"decode_step {a.compare} ratio off/on: ops {off['ops'] / on['ops']:.2f}x, "
+          f"CPU {off['cpu_ms'] / on['cpu_ms']:.2f}x, wall {off['wall_ms'] / on['wall_ms']:.2f}x; "
+          f"same tokens: {result['same_tokens']}")
+    common.write_json(a.out or f"decode_step_{a.compare}.json", result)
     return 0 if result["same_tokens"] else 1
 
 

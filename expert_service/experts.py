@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from expert_service.grouped_mm import ALIGN, GroupedMM, quantize_fp8
 from mixtral.cuda_graphs import GraphCache, bucket_for, pad_rows
-from mixtral.linear import linear, pack_linear
+from mixtral.linear import Packed, linear, pack_linear
 
 
 class ExpertWeights:
@@ -69,7 +69,8 @@ class ExpertWeights:
                 self.w13[layer], self.w2[layer] = torch.stack(w13), torch.stack(w2)
             held = [d[layer] for d in (self.w13, self.w2, self.s13, self.s2) if layer in d] if self.grouped \
                 else w13 + w2
-            self.weight_bytes += sum(t.numel() * t.element_size() for t in held)
+            copies = 2 if not self.grouped and isinstance(self.w13[layer][0], Packed) else 1   # see pack_linear
+            self.weight_bytes += copies * sum(t.numel() * t.element_size() for t in held)
             lut = torch.full((num_experts + 1,), -1, dtype=torch.int64)  # last slot: id -1 (empty slot)
             lut[torch.tensor(experts)] = torch.arange(len(experts))
             self.local[layer] = lut.to(self.device)

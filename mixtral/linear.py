@@ -1,13 +1,33 @@
 """The matmul both sides of the model use: y = x @ W.T on weights prepared once at load.
 
-Shapes: N output features, Kin input features.
+Shapes: M rows, N output features, Kin input features.
 
 It lives in `mixtral`, below both services, so the attention math and the expert math
 share it without importing each other.
 """
 
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+from mixtral import native
+
+_PANEL_SRC = (Path(__file__).resolve().parent / "csrc" / "panel_linear.cpp",)
+# Row counts up to here take the panel kernel; from a dozen rows on oneDNN's blocked
+# kernels are ahead (docs/benchmarks.md, single stream).
+SMALL_ROWS = 8
+_PANEL = 16                 # outputs per panel (csrc/panel_linear.cpp)
+
+
+class Packed(NamedTuple):
+    """An fp32 CPU weight in the two layouts `linear` picks between by row count."""
+    blocked: torch.Tensor   # oneDNN's blocked layout, for more than SMALL_ROWS rows
+    panels: torch.Tensor    # [N / 16, Kin, 16] for SMALL_ROWS rows or fewer
 
 
 def _onednn_ok(w: torch.Tensor) -> bool:
@@ -15,18 +35,30 @@ def _onednn_ok(w: torch.Tensor) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def pack_linear(w: torch.Tensor) -> torch.Tensor:
+@functools.cache
+def _panels_built() -> bool:
+    return native.load("moe_serve_linear", _PANEL_SRC, "matmuls of a few rows")
+
+
+def pack_linear(w: torch.Tensor) -> torch.Tensor | Packed:
     """w [N, Kin] -> the weight `linear` takes.
 
     torch sends fp32 CPU matmuls to MKL, which runs well below oneDNN on the same shapes on
     the AMD EPYC we benchmark on (docs/benchmarks.md, engine against HF). oneDNN wants the
     weight reordered into its blocked layout, done once here, so the dense copy can be
-    dropped. Still fp32 throughout, only the order of the sums changes. Anything else is
-    returned as is: bf16 already goes to oneDNN inside torch, and GPUs have their own BLAS.
+    dropped. A decode step's few rows are another matter: there the time is that of
+    streaming the weights from memory, and our panel kernel (csrc/panel_linear.cpp) streams
+    them faster than oneDNN does; so where it is built and N is a multiple of 16 the weight
+    is also kept in its panels, at twice the memory (MOE_SERVE_CPU_KERNELS=0 keeps one copy).
+    Still fp32 throughout, only the order of the sums changes. Anything else is returned as
+    is: bf16 already goes to oneDNN inside torch, and GPUs have their own BLAS.
     """
     if not _onednn_ok(w):
         return w
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
+    blocked = torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
+    if w.dim() != 2 or w.shape[0] % _PANEL or not _panels_built():
+        return blocked
+    return Packed(blocked, torch.ops.moe_serve_linear.panel_pack(w))
 
 
 # oneDNN builds a kernel for each new row count (about a millisecond), and a step
@@ -38,8 +70,12 @@ def pack_linear(w: torch.Tensor) -> torch.Tensor:
 _PAD_FROM, _PAD_TO = 128, 16
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., Kin], w from pack_linear -> x @ W.T [..., N]."""
+def linear(x: torch.Tensor, w: torch.Tensor | Packed) -> torch.Tensor:
+    """x [M, Kin] (or [..., Kin] for unpacked weights), w from pack_linear -> x @ W.T [M, N]."""
+    if isinstance(w, Packed):
+        if x.shape[0] <= SMALL_ROWS:
+            return torch.ops.moe_serve_linear.panel_linear(x, w.panels)
+        w = w.blocked
     if w.is_mkldnn:
         M = x.shape[0]
         pad = -M % _PAD_TO if x.dim() == 2 and M >= _PAD_FROM else 0

@@ -1,19 +1,26 @@
-"""The shared matmul (mixtral/linear.py): oneDNN on packed fp32 weights, row counts padded."""
+"""The shared matmul (mixtral/linear.py): oneDNN on packed fp32 weights, row counts padded;
+the panel kernel (mixtral/csrc/panel_linear.cpp) for a few rows."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mixtral import linear as linear_mod
-from mixtral.linear import linear, pack_linear
+from mixtral.linear import SMALL_ROWS, Packed, linear, pack_linear
 
 W = torch.randn(384, 256, generator=torch.Generator().manual_seed(0))
 X = torch.randn(700, 256, generator=torch.Generator().manual_seed(1))
 PACKED = pack_linear(W)
-needs_onednn = pytest.mark.skipif(not PACKED.is_mkldnn, reason="no oneDNN in this torch build")
+BLOCKED = PACKED.blocked if isinstance(PACKED, Packed) else PACKED
+needs_onednn = pytest.mark.skipif(not BLOCKED.is_mkldnn, reason="no oneDNN in this torch build")
+needs_panels = pytest.mark.skipif(not isinstance(PACKED, Packed), reason="the panel kernel could not be built")
 
 
-@pytest.mark.parametrize("M", [1, 7, 127, 128, 129, 333, 700])
+@pytest.mark.parametrize("M", [1, 2, 5, 6, 7, SMALL_ROWS, SMALL_ROWS + 1, 127, 128, 129, 333, 700])
 def test_matches_torch(M):
     y = linear(X[:M], PACKED)
     assert y.shape == (M, 384) and y.is_contiguous()
@@ -22,10 +29,60 @@ def test_matches_torch(M):
 
 @needs_onednn
 def test_a_row_does_not_depend_on_the_row_count():
-    """Padded or not, a row's result is the same bits: the padding rows touch nothing else."""
-    alone = linear(X[:3], PACKED)
-    for M in (3, 100, 128, 129, 333, 700):
-        assert torch.equal(linear(X[:M], PACKED)[:3], alone), M
+    """Padded or not, a row's result is the same bits on each path: the other rows touch nothing of it."""
+    few, many = linear(X[:3], PACKED), linear(X[:SMALL_ROWS + 1], PACKED)[:3]
+    for M in range(3, SMALL_ROWS + 1):
+        assert torch.equal(linear(X[:M], PACKED)[:3], few), M
+    for M in (SMALL_ROWS + 1, 100, 128, 129, 333, 700):
+        assert torch.equal(linear(X[:M], PACKED)[:3], many), M
+
+
+@needs_panels
+def test_few_rows_take_the_panels_and_more_take_onednn():
+    with torch.profiler.profile() as prof:
+        for M in (1, SMALL_ROWS, SMALL_ROWS + 1):
+            linear(X[:M], PACKED)
+    seen = [e.name for e in prof.events() if e.name.startswith(("mkldnn::", "moe_serve_linear::"))]
+    assert seen == ["moe_serve_linear::panel_linear"] * 2 + ["mkldnn::_linear_pointwise"]
+
+
+@needs_panels
+def test_panel_layout():
+    """p[j, k, i] = w[16 j + i, k]: a panel's 16 outputs side by side for each input."""
+    p = PACKED.panels
+    assert p.shape == (384 // 16, 256, 16) and p.is_contiguous()
+    j, k, i = 5, 17, 11
+    assert p[j, k, i] == W[16 * j + i, k]
+    assert torch.equal(p.permute(0, 2, 1).reshape(384, 256), W)
+
+
+@needs_panels
+def test_panel_kernel_edges():
+    """Rows of a strided view, an empty batch and odd input widths (no vector multiple)."""
+    w = torch.randn(32, 13, generator=torch.Generator().manual_seed(2))
+    p = pack_linear(w)
+    assert isinstance(p, Packed)
+    x = torch.randn(7, 26, generator=torch.Generator().manual_seed(3))[:, ::2]
+    torch.testing.assert_close(linear(x, p), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    assert linear(x[:0], p).shape == (0, 32)
+    with pytest.raises(RuntimeError, match="must be"):
+        torch.ops.moe_serve_linear.panel_linear(x.double(), p.panels)
+
+
+def test_outputs_not_a_multiple_of_16_stay_blocked():
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(4))
+    p = pack_linear(w)
+    assert not isinstance(p, Packed)
+    torch.testing.assert_close(linear(X[:3], p), F.linear(X[:3], w), atol=1e-4, rtol=1e-5)
+
+
+def test_kernels_off_keeps_one_copy():
+    """MOE_SERVE_CPU_KERNELS=0: no panels, the weight is held once."""
+    code = ("import torch; from mixtral.linear import pack_linear, Packed; "
+            "print(isinstance(pack_linear(torch.randn(32, 8)), Packed))")
+    env = {**os.environ, "MOE_SERVE_CPU_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @needs_onednn

@@ -1,0 +1,103 @@
+// y = x @ W.T for a few rows of x, fp32 on CPU, on weights laid out in panels of 16 outputs.
+//
+// Shapes: M rows of x, K inputs, N outputs (a multiple of 16), P = N / 16 panels.
+//
+//   panel_pack(w [N, K]) -> p [P, K, 16]      p[j, k, i] = w[16 j + i, k]
+//   panel_linear(x [M, K], p [P, K, 16]) -> y [M, N]
+//
+// A decode step multiplies one or a few rows by every weight of the model: the time is the
+// time to stream the weights from memory. In panels, a block of 16 outputs reads its weights
+// as one contiguous run, each k a 64-byte line that two 8-lane FMAs per row of x consume,
+// with the row's x[k] broadcast; up to 6 rows of x share each weight load, and no horizontal
+// sums are needed. Threads take whole panels.
+//
+// Every output is the sum over k in order, one FMA per k, whatever M is and whichever rows
+// share a pass: a row's result does not depend on the rows beside it.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t NR = 16;   // outputs per panel
+constexpr int64_t MR = 6;    // rows of x per pass: 12 accumulators, 2 weight vectors, 1 broadcast
+
+// y[m, 0:16] = sum_k x[m, k] * p[k, 0:16] for the R rows of x at x (row stride ldx).
+template <int R>
+void pass(const float* x, int64_t ldx, const float* p, int64_t K, float* y, int64_t ldy) {
+#ifdef __AVX2__
+  __m256 c0[R], c1[R];
+  for (int m = 0; m < R; ++m) c0[m] = c1[m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(p + k * NR), b1 = _mm256_loadu_ps(p + k * NR + 8);
+    for (int m = 0; m < R; ++m) {
+      const __m256 a = _mm256_broadcast_ss(x + m * ldx + k);
+      c0[m] = _mm256_fmadd_ps(a, b0, c0[m]);
+      c1[m] = _mm256_fmadd_ps(a, b1, c1[m]);
+    }
+  }
+  for (int m = 0; m < R; ++m) {
+    _mm256_storeu_ps(y + m * ldy, c0[m]);
+    _mm256_storeu_ps(y + m * ldy + 8, c1[m]);
+  }
+#else
+  float c[R][NR] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int m = 0; m < R; ++m)
+      for (int64_t i = 0; i < NR; ++i) c[m][i] = std::fma(x[m * ldx + k], p[k * NR + i], c[m][i]);
+  for (int m = 0; m < R; ++m) std::copy(c[m], c[m] + NR, y + m * ldy);
+#endif
+}
+
+using Pass = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t);
+constexpr Pass kPass[MR + 1] = {nullptr, pass<1>, pass<2>, pass<3>, pass<4>, pass<5>, pass<6>};
+
+void check_cpu_f32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.device().is_cpu(), name, " must be an fp32 CPU tensor");
+}
+
+}  // namespace
+
+torch::Tensor panel_pack(torch::Tensor w) {
+  check_cpu_f32(w, "w");
+  TORCH_CHECK(w.dim() == 2 && w.size(0) % NR == 0, "w must be [N, K] with N a multiple of ", NR);
+  const int64_t N = w.size(0), K = w.size(1);
+  return w.contiguous().view({N / NR, NR, K}).transpose(1, 2).contiguous();
+}
+
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor p) {
+  check_cpu_f32(x, "x");
+  check_cpu_f32(p, "p");
+  TORCH_CHECK(x.dim() == 2 && p.dim() == 3 && p.size(2) == NR && p.size(1) == x.size(1) && p.is_contiguous(),
+              "x must be [M, K] and p [N / 16, K, 16]");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), P = p.size(0), N = P * NR;
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* pp = p.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, P, 4, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t m = 0; m < M; m += MR) {
+        const int64_t r = std::min(MR, M - m);
+        kPass[r](xp + m * K, K, pp + j * K * NR, K, yp + m * N + j * NR, N);
+      }
+  });
+  return y;
+}
+
+TORCH_LIBRARY(moe_serve_linear, m) {
+  m.def("panel_pack(Tensor w) -> Tensor");
+  m.def("panel_linear(Tensor x, Tensor p) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moe_serve_linear, CPU, m) {
+  m.impl("panel_pack", &panel_pack);
+  m.impl("panel_linear", &panel_linear);
+}
