@@ -20,7 +20,7 @@ from mixtral import native
 _PANEL_SRC = (Path(__file__).resolve().parent / "csrc" / "panel_linear.cpp",)
 # Row counts up to here take the panel kernel; from a dozen rows on oneDNN's blocked
 # kernels are ahead (docs/benchmarks.md, single stream).
-SMALL_ROWS = 8
+SMALL_ROWS = 64
 _PANEL = 16                 # outputs per panel (csrc/panel_linear.cpp)
 
 
