@@ -35,10 +35,17 @@ inline __m512 sum16(const __m512* a) {
   const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
 }
+#elif defined(__AVX2__)
+// 8 vectors -> one whose lane j is the sum of a[j]'s lanes.
+inline __m256 sum8(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
 #endif
 
 // scores s[j] = q . k_j * scale for the n keys of one block (rows `row` floats apart).
-// NV > 0: head dim 16 * NV in AVX-512 registers; NV = 0: any head dim dh, left to the compiler.
+// NV > 0: head dim 16 * NV in AVX-512 (or AVX2) registers; NV = 0: any head dim dh, left to the compiler.
 template <int NV>
 inline void scores(const float* q, const float* k, int64_t n, int64_t row, int64_t dh, float scale, float* s) {
 #ifdef __AVX512F__
@@ -55,6 +62,29 @@ inline void scores(const float* q, const float* k, int64_t n, int64_t row, int64
         for (int v = 1; v < NV; ++v) a[j] = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(kj + 16 * v), a[j]);
       }
       _mm512_mask_storeu_ps(s + j0, static_cast<__mmask16>((1u << m) - 1), _mm512_mul_ps(sum16(a), sc));
+    }
+    return;
+  }
+#elif defined(__AVX2__)
+  if constexpr (NV > 0) {
+    // 8 keys at a time, head dim 16 * NV as 2 * NV vectors; the query is read from L1.
+    constexpr int W = 2 * NV;
+    __m256 a[8];
+    const __m256 sc = _mm256_set1_ps(scale);
+    int64_t j0 = 0;
+    for (; j0 + 8 <= n; j0 += 8) {
+      for (int j = 0; j < 8; ++j) {
+        const float* kj = k + (j0 + j) * row;
+        a[j] = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(kj));
+        for (int v = 1; v < W; ++v) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), _mm256_loadu_ps(kj + 8 * v), a[j]);
+      }
+      _mm256_storeu_ps(s + j0, _mm256_mul_ps(sum8(a), sc));
+    }
+    for (; j0 < n; ++j0) {
+      const float* kj = k + j0 * row;
+      __m256 d = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(kj));
+      for (int v = 1; v < W; ++v) d = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), _mm256_loadu_ps(kj + 8 * v), d);
+      s[j0] = hsum8(d) * scale;
     }
     return;
   }
@@ -80,6 +110,19 @@ inline void accumulate(float* acc, float alpha, const float* p, const float* v, 
       for (int i = 0; i < NV; ++i) a[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16 * i), a[i]);
     }
     for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
+    return;
+  }
+#elif defined(__AVX2__)
+  if constexpr (NV > 0) {
+    constexpr int W = 2 * NV;
+    __m256 a[W];
+    const __m256 al = _mm256_set1_ps(alpha);
+    for (int i = 0; i < W; ++i) a[i] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * i), al);
+    for (int64_t j = 0; j < n; ++j, v += row) {
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      for (int i = 0; i < W; ++i) a[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * i), a[i]);
+    }
+    for (int i = 0; i < W; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
     return;
   }
 #endif

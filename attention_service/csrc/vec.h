@@ -7,7 +7,7 @@
 #include <cstring>
 #include <limits>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -52,6 +52,37 @@ inline __m512 exp_nonpos(__m512 x) {
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// exp_nonpos on 8 lanes, the same steps.
+inline __m256 exp_nonpos(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 // One step of an online softmax over n scores s (turned into exp(s - new max)): returns
 // the factor that rescales what was summed before, and updates the running max m and sum l.
 inline float softmax_step(float* s, int64_t n, float& m, float& l) {
@@ -74,6 +105,25 @@ inline float softmax_step(float* s, int64_t n, float& m, float& l) {
     vs = _mm512_add_ps(vs, e);
   }
   sum = _mm512_reduce_add_ps(vs);
+#elif defined(__AVX2__)
+  // 8 lanes at a time, the tail one by one.
+  const int64_t n8 = n / 8 * 8;
+  __m256 vmx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n8; j += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(s + j));
+  mx = std::max(mx, hmax8(vmx));
+  for (int64_t j = n8; j < n; ++j) mx = std::max(mx, s[j]);
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 vs = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n8; j += 8) {
+    const __m256 e = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+    _mm256_storeu_ps(s + j, e);
+    vs = _mm256_add_ps(vs, e);
+  }
+  sum = hsum8(vs);
+  for (int64_t j = n8; j < n; ++j) {
+    s[j] = exp_nonpos(s[j] - mx);
+    sum += s[j];
+  }
 #else
   for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
 #pragma omp simd reduction(+ : sum)
