@@ -8,6 +8,7 @@ from attention_service import cpu_kernels
 from attention_service.attention import AttentionMetadata, attend, paged_attention
 from attention_service.config import EngineConfig
 from attention_service.model import apply_rope, rms_norm, rope
+from attention_service.sampler import argmax
 from cluster.local import build_engine
 from expert_service.experts import ExpertWeights
 from router.dispatch import Placement, combine, plan, split_experts
@@ -40,6 +41,29 @@ def test_qkv_rope_cache_rotates_and_writes_like_torch(T, H, KVH, Dh):
     torch.testing.assert_close(q, qk[:, :H], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(kc, ref_k, atol=1e-6, rtol=1e-6)
     assert torch.equal(vc, ref_v)                 # v is copied, untouched slots too
+
+
+@needs_ops
+@pytest.mark.parametrize("B,V", [(32, 32000), (1, 32000), (3, 13), (2, 7), (2, 1)])
+def test_argmax_rows_matches_torch(B, V):
+    x = torch.randn(B, V, generator=torch.Generator().manual_seed(V))
+    assert torch.equal(OPS.argmax_rows(x), x.argmax(-1))
+    assert torch.equal(argmax(x), x.argmax(-1))
+
+
+@needs_ops
+def test_argmax_rows_ties_infinities_and_nans_as_torch():
+    """The first of equal maxima (0.0 and -0.0 too), an all -inf row, and a NaN beats +inf."""
+    x = torch.randn(6, 1003, generator=torch.Generator().manual_seed(0))
+    x[0, 900] = x[0, 5] = 50.0
+    x[1] = float("-inf")
+    x[2, 7] = x[2, 3] = float("nan")
+    x[3, 999], x[3, 998] = float("inf"), float("nan")
+    x[4] = 0.0
+    x[4, :10] = -0.0
+    x[5, 1000:] = 1e30              # the maximum in the tail past the last full vector
+    got = OPS.argmax_rows(x)
+    assert torch.equal(got, x.argmax(-1)) and got.tolist() == [5, 0, 3, 998, 0, 1000]
 
 
 @needs_ops

@@ -12,6 +12,10 @@
 //     q and k rotated (rotate-half convention: x * cos + rotate_half(x) * sin), the rotated
 //     k and the v of token t written to slot slots[t] of the caches.
 //
+//   argmax_rows(x [B, V]) -> [B] int64                                      (greedy sampling)
+//     torch.argmax(x, -1): the first of equal maxima, and a NaN above everything (the first
+//     one); torch's takes ~1 ms over a batch of 32 vocabularies, this one a tenth of that.
+//
 // Each element is computed with the same operations, in the same order, as the torch code
 // they replace (attention_service/model.py); only the sum of squares is added up in another
 // order.
@@ -20,6 +24,11 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <limits>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -97,4 +106,60 @@ torch::Tensor qkv_rope_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor
     }
   });
   return q;
+}
+
+namespace {
+
+// The index of the first NaN of r[0 .. V), or -1.
+int64_t first_nan(const float* r, int64_t V) {
+  for (int64_t j = 0; j < V; ++j)
+    if (std::isnan(r[j])) return j;
+  return -1;
+}
+
+int64_t argmax_row(const float* r, int64_t V) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+#ifdef __AVX2__
+  // A pass for the maximum (NaNs noted on the side), then one for its first index.
+  __m256 vm = _mm256_set1_ps(m), unord = _mm256_setzero_ps();
+  for (; j + 8 <= V; j += 8) {
+    const __m256 v = _mm256_loadu_ps(r + j);
+    unord = _mm256_or_ps(unord, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    vm = _mm256_max_ps(vm, v);
+  }
+  if (_mm256_movemask_ps(unord)) return first_nan(r, V);
+  float lanes[8];
+  _mm256_storeu_ps(lanes, vm);
+  for (float x : lanes) m = std::max(m, x);
+#endif
+  for (; j < V; ++j) {
+    if (std::isnan(r[j])) return first_nan(r, V);
+    m = std::max(m, r[j]);
+  }
+  j = 0;
+#ifdef __AVX2__
+  const __m256 target = _mm256_set1_ps(m);
+  for (; j + 8 <= V; j += 8)
+    if (const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(r + j), target, _CMP_EQ_OQ)))
+      return j + __builtin_ctz(hit);
+#endif
+  for (; j < V; ++j)
+    if (r[j] == m) return j;
+  return 0;   // every entry -inf
+}
+
+}  // namespace
+
+torch::Tensor argmax_rows(torch::Tensor x) {
+  check_cpu_f32(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "x must be [B, V] with V > 0");
+  const int64_t B = x.size(0), V = x.size(1);
+  auto out = torch::empty({B}, x.options().dtype(torch::kInt64));
+  const float* X = x.data_ptr<float>();
+  int64_t* O = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) O[b] = argmax_row(X + b * V, V);
+  });
+  return out;
 }
