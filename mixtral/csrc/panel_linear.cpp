@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -51,7 +52,13 @@ void pass(const float* x, int64_t ldx, const float* p, const float* next, int64_
   MOE_ACC(0) MOE_ACC(1) MOE_ACC(2) MOE_ACC(3) MOE_ACC(4) MOE_ACC(5)
   for (int64_t k = 0; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(p + k * NR), b1 = _mm256_loadu_ps(p + k * NR + 8);
-    _mm_prefetch(reinterpret_cast<const char*>(next + k * NR), _MM_HINT_T0);
+    // One row: the weights are used once, so they come in non-temporal and leave the caches
+    // to what the rest of the step needs (torch's and Python's own data). More rows: T0, as
+    // the later passes read the panel again.
+    if constexpr (R == 1)
+      _mm_prefetch(reinterpret_cast<const char*>(next) + k * NR * 4, _MM_HINT_NTA);
+    else
+      _mm_prefetch(reinterpret_cast<const char*>(next) + k * NR * 4, _MM_HINT_T0);
     MOE_FMA(0) MOE_FMA(1) MOE_FMA(2) MOE_FMA(3) MOE_FMA(4) MOE_FMA(5)
   }
   MOE_STORE(0) MOE_STORE(1) MOE_STORE(2) MOE_STORE(3) MOE_STORE(4) MOE_STORE(5)
@@ -105,7 +112,9 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor p) {
       const float* panel = pp + j * K * NR;
       // With more than one row, the computing leaves the memory idle: each pass asks for the
       // thread's next panel, line by line, so it is on its way while this one is worked on.
-      const float* next = M > 1 && j + 1 < j1 ? panel + K * NR : panel;
+      // One row asks 2 KB ahead of itself (prefetches never fault, past the end or not).
+      const float* next = M == 1 ? reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(panel) + 2048)
+                        : j + 1 < j1 ? panel + K * NR : panel;
       for (int64_t g = 0, m = 0; g < passes; m += rows(g), ++g)
         kPass[rows(g)](xp + m * K, K, panel, next, K, yp + m * N + j * NR, N);
     }
