@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from expert_service.grouped_mm import ALIGN, GroupedMM, quantize_fp8
 from mixtral.cuda_graphs import GraphCache, bucket_for, pad_rows
-from mixtral.linear import Packed, linear, pack_linear
+from mixtral.linear import Packed, ffn_row, linear, pack_linear
 
 
 class ExpertWeights:
@@ -171,8 +171,6 @@ class ExpertWeights:
                        if e >= 0 and lut[e] >= 0)
         out = None
         for e, w in slots:
-            gate, up = linear(y, self.w13[layer][e]).chunk(2, dim=-1)         # [1, F] each
-            # w: the fp32 weight as a Python float, which torch multiplies by in fp32: same product.
-            h = linear(F.silu(gate) * up, self.w2[layer][e]) * w            # [1, D]
+            h = ffn_row(y, self.w13[layer][e], self.w2[layer][e], w)          # [1, D]
             out = h if out is None else out.add_(h)
         return torch.zeros_like(y) if out is None else out

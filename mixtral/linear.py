@@ -82,3 +82,14 @@ def linear(x: torch.Tensor, w: torch.Tensor | Packed) -> torch.Tensor:
         y = torch.ops.mkldnn._linear_pointwise(F.pad(x, (0, 0, 0, pad)) if pad else x, w, None, "none", [], "")
         return y[:M] if pad else y
     return F.linear(x, w)
+
+
+def ffn_row(x: torch.Tensor, w13: torch.Tensor | Packed, w2: torch.Tensor | Packed, scale: float) -> torch.Tensor:
+    """x [1, D] through one SwiGLU expert, times its routing weight -> [1, D]:
+    gate, up = (x @ W13.T).chunk(2); scale * ((silu(gate) * up) @ W2.T). On panels it is one
+    call (csrc/panel_linear.cpp) doing these same ops; the result is the same bits."""
+    if isinstance(w13, Packed) and isinstance(w2, Packed) and x.shape[0] == 1:
+        return torch.ops.moe_serve_linear.panel_ffn_row(x, w13.panels, w2.panels, scale)
+    gate, up = linear(x, w13).chunk(2, dim=-1)
+    # scale: a Python float, which torch multiplies an fp32 tensor by in fp32.
+    return linear(F.silu(gate) * up, w2) * scale

@@ -100,3 +100,24 @@ def test_other_weights_go_to_torch():
     w = W.double()
     assert pack_linear(w) is w
     torch.testing.assert_close(linear(X[:5].double(), w), F.linear(X[:5].double(), w))
+
+
+@needs_panels
+def test_ffn_row_is_the_torch_ops_bit_for_bit():
+    """One row through a SwiGLU expert in one call: the same bits as its torch ops on the same panels."""
+    g = torch.Generator().manual_seed(5)
+    D, Fh = 64, 48
+    w13, w2 = torch.randn(2 * Fh, D, generator=g) / 8, torch.randn(D, Fh, generator=g) / 8
+    p13, p2 = pack_linear(w13), pack_linear(w2)
+    x = torch.randn(1, D, generator=g)
+    scale = 0.3137
+    gate, up = linear(x, p13).chunk(2, dim=-1)
+    ref = linear(F.silu(gate) * up, p2) * scale
+    got = linear_mod.ffn_row(x, p13, p2, scale)
+    assert got.shape == (1, D) and torch.equal(got, ref)
+    torch.testing.assert_close(got, F.linear(F.silu(x @ w13[:Fh].T) * (x @ w13[Fh:].T), w2) * scale,
+                               atol=1e-5, rtol=1e-5)
+    # Off the panels (more rows, or weights as they are) it is the torch ops themselves.
+    torch.testing.assert_close(linear_mod.ffn_row(x, w13, w2, scale), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="one row"):
+        torch.ops.moe_serve_linear.panel_ffn_row(x.expand(2, -1).contiguous(), p13.panels, p2.panels, scale)

@@ -122,12 +122,29 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor p) {
   return y;
 }
 
+// One row through one SwiGLU expert, scaled by its routing weight: the math of
+//   gate, up = (x @ W13.T).chunk(2);  scale * ((silu(gate) * up) @ W2.T)
+// as the expert code writes it in torch, op for op (torch's own silu, fp32 products), in one
+// call: a single stream's decode step runs two of these per layer, and the six ops and their
+// Python cost more than the math beside the matmuls.
+torch::Tensor panel_ffn_row(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, double scale) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "x must be one row [1, D]");
+  auto gu = panel_linear(x, w13);                               // [1, 2F]
+  const int64_t F = gu.size(1) / 2;
+  TORCH_CHECK(w2.dim() == 3 && w2.size(1) == F, "w2 must be the panels of [D, F] with 2F the rows of w13");
+  auto a = at::silu(gu.narrow(1, 0, F));
+  a.mul_(gu.narrow(1, F, F));
+  return panel_linear(a, w2).mul_(scale);
+}
+
 TORCH_LIBRARY(moe_serve_linear, m) {
   m.def("panel_pack(Tensor w) -> Tensor");
   m.def("panel_linear(Tensor x, Tensor p) -> Tensor");
+  m.def("panel_ffn_row(Tensor x, Tensor w13, Tensor w2, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_serve_linear, CPU, m) {
   m.impl("panel_pack", &panel_pack);
   m.impl("panel_linear", &panel_linear);
+  m.impl("panel_ffn_row", &panel_ffn_row);
 }
