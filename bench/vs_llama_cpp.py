@@ -9,7 +9,8 @@ What it measures
       single   one request alone
       batch    --batch requests (default 32) submitted together
     Figure per side: output tokens / wall time from submission to the last token (prompt
-    processing included, as llama-batched-bench's total time), median of --repeats runs.
+    processing included, as llama-batched-bench's total time), median of --repeats runs; the
+    two sides take turns run by run, so a shared machine's slow spells fall on both alike.
     Ratios ours / llama.cpp: single (target >= 1.0) and batch (must stay >= 2.0).
 
 llama.cpp
@@ -140,11 +141,11 @@ def main() -> int:
     log(f"vs_llama_cpp workload: prompt {a.prompt} tokens, {a.new} new tokens, greedy; batch {a.batch}; "
         f"llama.cpp threads {a.threads}, torch threads {torch.get_num_threads()}; repeats {a.repeats}")
     for name, n in (("single", 1), ("batch", a.batch)):
-        ours = [ours_run(aeng, prompts[:n], a.new, loop) for _ in range(a.repeats)]
-        theirs = []
+        # Run by run in turn, so that a shared machine's slow spells fall on both sides alike.
+        ours, theirs = [], []
         for _ in range(a.repeats):
-            j = llama_run(src, model, a, n)
-            theirs.append(n * a.new / j["t"])
+            ours.append(ours_run(aeng, prompts[:n], a.new, loop))
+            theirs.append(n * a.new / llama_run(src, model, a, n)["t"])
         o, t = statistics.median(ours), statistics.median(theirs)
         target = f"target >= {TARGET_SINGLE}" if n == 1 else f"must stay >= {FLOOR_BATCH}"
         log(f"vs_llama_cpp {name}: ours {o:.1f} output tokens/s (runs {', '.join(f'{x:.1f}' for x in ours)}), "
