@@ -46,24 +46,34 @@ constexpr int64_t MR = 6;    // rows of x per pass: 12 accumulators, 2 weight ve
   }
 
 template <int R>
-void pass(const float* x, int64_t ldx, const float* p, const float* next, int64_t K, float* y, int64_t ldy) {
+void pass(const float* x, int64_t ldx, const float* p, const float* next, int64_t K, float* y, int64_t ldy,
+          int64_t g, int64_t G) {
   static_assert(R >= 1 && R <= MR);
 #ifdef __AVX2__
   MOE_ACC(0) MOE_ACC(1) MOE_ACC(2) MOE_ACC(3) MOE_ACC(4) MOE_ACC(5)
+  // G = 1: every pass asks for each of next's lines in turn (the repeats measured faster
+  // than asking once). G > 1: pass g asks for its share, one line every G iterations.
+  const char* pf = reinterpret_cast<const char*>(next) + (G == 1 ? 0 : g * K / G) * NR * 4;
+  const int64_t every = G;
+  int64_t tick = 0;
   for (int64_t k = 0; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(p + k * NR), b1 = _mm256_loadu_ps(p + k * NR + 8);
     // One row: the weights are used once, so they come in non-temporal and leave the caches
     // to what the rest of the step needs (torch's and Python's own data). More rows: T0, as
     // the later passes read the panel again.
-    if constexpr (R == 1)
-      _mm_prefetch(reinterpret_cast<const char*>(next) + k * NR * 4, _MM_HINT_NTA);
-    else
-      _mm_prefetch(reinterpret_cast<const char*>(next) + k * NR * 4, _MM_HINT_T0);
+    if (++tick == every) {
+      tick = 0;
+      if constexpr (R == 1)
+        _mm_prefetch(pf, _MM_HINT_NTA);
+      else
+        _mm_prefetch(pf, _MM_HINT_T0);
+      pf += NR * 4;
+    }
     MOE_FMA(0) MOE_FMA(1) MOE_FMA(2) MOE_FMA(3) MOE_FMA(4) MOE_FMA(5)
   }
   MOE_STORE(0) MOE_STORE(1) MOE_STORE(2) MOE_STORE(3) MOE_STORE(4) MOE_STORE(5)
 #else
-  (void)next;
+  (void)next, (void)g, (void)G;
   float c[R][NR] = {};
   for (int64_t k = 0; k < K; ++k)
     for (int m = 0; m < R; ++m)
@@ -76,7 +86,7 @@ void pass(const float* x, int64_t ldx, const float* p, const float* next, int64_
 #undef MOE_FMA
 #undef MOE_STORE
 
-using Pass = void (*)(const float*, int64_t, const float*, const float*, int64_t, float*, int64_t);
+using Pass = void (*)(const float*, int64_t, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t);
 constexpr Pass kPass[MR + 1] = {nullptr, pass<1>, pass<2>, pass<3>, pass<4>, pass<5>, pass<6>};
 
 void check_cpu_f32(const torch::Tensor& t, const char* name) {
@@ -107,6 +117,7 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor p) {
   // spends its time on loads, not FMAs.
   const int64_t passes = (M + MR - 1) / MR;
   const auto rows = [&](int64_t g) { return M / passes + (g < M % passes); };
+  const int64_t spread = passes == 2 ? 2 : 1;   // two passes share the next panel's fetch (measured)
   at::parallel_for(0, P, 4, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const float* panel = pp + j * K * NR;
@@ -116,7 +127,7 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor p) {
       const float* next = M == 1 ? reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(panel) + 2048)
                         : j + 1 < j1 ? panel + K * NR : panel;
       for (int64_t g = 0, m = 0; g < passes; m += rows(g), ++g)
-        kPass[rows(g)](xp + m * K, K, panel, next, K, yp + m * N + j * NR, N);
+        kPass[rows(g)](xp + m * K, K, panel, next, K, yp + m * N + j * NR, N, g, spread);
     }
   });
   return y;
