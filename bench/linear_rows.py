@@ -72,8 +72,8 @@ def main() -> int:
             fig = {"shape": name, "rows": M, **{f"{s}_ms": round(t * 1e3, 4) for s, t in med.items()},
                    "ratio": med["onednn"] / med["panels"]}
             result["figures"].append(fig)
-            rate = "; ".join(f"{s} {t * 1e3:.3f} ms, {2 * M * N * K / t / 1e9:.1f} GFLOP/s, {N * K * 4 / t / 1e9:.1f} GB/s"
-                             for s, t in med.items())
+            rate = "; ".join(f"{s} {t * 1e3:.3f} ms, {2 * M * N * K / t / 1e9:.1f} GFLOP/s, "
+                             f"{N * K * 4 / t / 1e9:.1f} GB/s" for s, t in med.items())
             print(f"linear_rows {name} [{N}, {K}] rows={M}: {rate}; ratio onednn/panels {fig['ratio']:.2f}x",
                   flush=True)
     print(f"linear_rows wrote {common.write_json(a.out, result)}")
