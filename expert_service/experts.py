@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from expert_service.grouped_mm import ALIGN, GroupedMM, quantize_fp8
 from mixtral.cuda_graphs import GraphCache, bucket_for, pad_rows
-from mixtral.linear import Packed, ffn_row, linear, pack_linear
+from mixtral.linear import Packed, ffn, ffn_row, pack_linear
 
 
 class ExpertWeights:
@@ -157,9 +157,7 @@ class ExpertWeights:
             if n == 0:
                 continue
             r = rows[start:start + n]
-            gate, up = linear(y[r], self.w13[layer][e]).chunk(2, dim=-1)     # [n, F] each
-            h = linear(F.silu(gate) * up, self.w2[layer][e])               # [n, D]
-            out.index_add_(0, r, h * w[start:start + n, None])
+            out.index_add_(0, r, ffn(y[r], self.w13[layer][e], self.w2[layer][e], w[start:start + n]))   # [n, D]
             start += n
         return out
 

@@ -93,3 +93,12 @@ def ffn_row(x: torch.Tensor, w13: torch.Tensor | Packed, w2: torch.Tensor | Pack
     gate, up = linear(x, w13).chunk(2, dim=-1)
     # scale: a Python float, which torch multiplies an fp32 tensor by in fp32.
     return linear(F.silu(gate) * up, w2) * scale
+
+
+def ffn(x: torch.Tensor, w13: torch.Tensor | Packed, w2: torch.Tensor | Packed, scale: torch.Tensor) -> torch.Tensor:
+    """x [R, D] through one SwiGLU expert, row r times scale[r] -> [R, D], as ffn_row does for
+    one row; up to SMALL_ROWS rows on panels in one call, the same bits as the torch ops."""
+    if isinstance(w13, Packed) and isinstance(w2, Packed) and x.shape[0] <= SMALL_ROWS:
+        return torch.ops.moe_serve_linear.panel_ffn(x, w13.panels, w2.panels, scale)
+    gate, up = linear(x, w13).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w2) * scale[:, None]

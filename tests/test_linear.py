@@ -121,3 +121,22 @@ def test_ffn_row_is_the_torch_ops_bit_for_bit():
     torch.testing.assert_close(linear_mod.ffn_row(x, w13, w2, scale), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="one row"):
         torch.ops.moe_serve_linear.panel_ffn_row(x.expand(2, -1).contiguous(), p13.panels, p2.panels, scale)
+
+
+@needs_panels
+@pytest.mark.parametrize("R", [1, 3, 8, 13, SMALL_ROWS])
+def test_ffn_rows_are_the_torch_ops_bit_for_bit(R):
+    """A batch's rows of one expert, each times its own weight: the torch ops' bits, whatever R."""
+    g = torch.Generator().manual_seed(R)
+    D, Fh = 48, 32
+    w13, w2 = torch.randn(2 * Fh, D, generator=g) / 8, torch.randn(D, Fh, generator=g) / 8
+    p13, p2 = pack_linear(w13), pack_linear(w2)
+    x, scale = torch.randn(R, D, generator=g), torch.rand(R, generator=g)
+    gate, up = linear(x, p13).chunk(2, dim=-1)
+    ref = linear(F.silu(gate) * up, p2) * scale[:, None]
+    got = linear_mod.ffn(x, p13, p2, scale)
+    assert got.shape == (R, D) and torch.equal(got, ref)
+    # Row 0 alone, through the one-row call, is the same bits as within the batch.
+    assert torch.equal(linear_mod.ffn_row(x[:1], p13, p2, float(scale[0])), got[:1])
+    with pytest.raises(RuntimeError, match="one weight per row"):
+        torch.ops.moe_serve_linear.panel_ffn(x, p13.panels, p2.panels, scale[:-1] if R > 1 else scale.double())

@@ -148,14 +148,29 @@ torch::Tensor panel_ffn_row(torch::Tensor x, torch::Tensor w13, torch::Tensor w2
   return panel_linear(a, w2).mul_(scale);
 }
 
+// The same for a few rows, each scaled by its own weight (scale [R]): a batch's rows of one
+// expert, as torch would do (silu(gate) * up) @ W2.T * scale[:, None].
+torch::Tensor panel_ffn(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor scale) {
+  TORCH_CHECK(x.dim() == 2 && scale.dim() == 1 && scale.size(0) == x.size(0) &&
+              scale.scalar_type() == x.scalar_type(), "scale must hold one weight per row of x, in x's dtype");
+  auto gu = panel_linear(x, w13);                               // [R, 2F]
+  const int64_t F = gu.size(1) / 2;
+  TORCH_CHECK(w2.dim() == 3 && w2.size(1) == F, "w2 must be the panels of [D, F] with 2F the rows of w13");
+  auto a = at::silu(gu.narrow(1, 0, F));
+  a.mul_(gu.narrow(1, F, F));
+  return panel_linear(a, w2).mul_(scale.unsqueeze(1));
+}
+
 TORCH_LIBRARY(moe_serve_linear, m) {
   m.def("panel_pack(Tensor w) -> Tensor");
   m.def("panel_linear(Tensor x, Tensor p) -> Tensor");
   m.def("panel_ffn_row(Tensor x, Tensor w13, Tensor w2, float scale) -> Tensor");
+  m.def("panel_ffn(Tensor x, Tensor w13, Tensor w2, Tensor scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_serve_linear, CPU, m) {
   m.impl("panel_pack", &panel_pack);
   m.impl("panel_linear", &panel_linear);
   m.impl("panel_ffn_row", &panel_ffn_row);
+  m.impl("panel_ffn", &panel_ffn);
 }
