@@ -62,5 +62,17 @@ def loop():
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     yield loop
+
+    async def cancel_the_rest():
+        # What the module's servers left running (an idle engine loop) is cancelled and awaited,
+        # rather than destroyed pending whenever the loop is collected.
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+    asyncio.run_coroutine_threadsafe(cancel_the_rest(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
+    if not thread.is_alive():
+        loop.close()
