@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from expert_service.grouped_mm import ALIGN, GroupedMM, quantize_fp8
 from mixtral.cuda_graphs import GraphCache, bucket_for, pad_rows
-from mixtral.linear import Packed, ffn, ffn_row, pack_linear
+from mixtral.linear import Packed, ffn_add, ffn_row, pack_linear
 
 
 class ExpertWeights:
@@ -156,8 +156,7 @@ class ExpertWeights:
         for e, n in enumerate(counts[1:]):
             if n == 0:
                 continue
-            r = rows[start:start + n]
-            out.index_add_(0, r, ffn(y[r], self.w13[layer][e], self.w2[layer][e], w[start:start + n]))   # [n, D]
+            ffn_add(out, y, rows, self.w13[layer][e], self.w2[layer][e], w, start, n)   # out[r] += [n, D]
             start += n
         return out
 

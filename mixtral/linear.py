@@ -102,3 +102,15 @@ def ffn(x: torch.Tensor, w13: torch.Tensor | Packed, w2: torch.Tensor | Packed, 
         return torch.ops.moe_serve_linear.panel_ffn(x, w13.panels, w2.panels, scale)
     gate, up = linear(x, w13).chunk(2, dim=-1)
     return linear(F.silu(gate) * up, w2) * scale[:, None]
+
+
+def ffn_add(out: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, w13: torch.Tensor | Packed,
+            w2: torch.Tensor | Packed, scale: torch.Tensor, start: int, n: int) -> None:
+    """out [T, D] += the rows rows[start:start + n] of y [T, D] through one expert, row i times
+    scale[start + i], added into the same rows of out: in place, as out.index_add_ would, the
+    same bits; on panels one call."""
+    if isinstance(w13, Packed) and isinstance(w2, Packed) and n <= SMALL_ROWS:
+        torch.ops.moe_serve_linear.panel_ffn_add(out, y, rows, w13.panels, w2.panels, scale, start, n)
+        return
+    r = rows[start:start + n]
+    out.index_add_(0, r, ffn(y[r], w13, w2, scale[start:start + n]))

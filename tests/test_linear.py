@@ -140,3 +140,27 @@ def test_ffn_rows_are_the_torch_ops_bit_for_bit(R):
     assert torch.equal(linear_mod.ffn_row(x[:1], p13, p2, float(scale[0])), got[:1])
     with pytest.raises(RuntimeError, match="one weight per row"):
         torch.ops.moe_serve_linear.panel_ffn(x, p13.panels, p2.panels, scale[:-1] if R > 1 else scale.double())
+
+
+@needs_panels
+def test_ffn_add_is_index_add_of_the_rows_bit_for_bit():
+    """A slice of rows gathered, through the expert, and added back in place: index_add_'s bits."""
+    g = torch.Generator().manual_seed(7)
+    T, D, Fh = 20, 48, 32
+    w13, w2 = torch.randn(2 * Fh, D, generator=g) / 8, torch.randn(D, Fh, generator=g) / 8
+    p13, p2 = pack_linear(w13), pack_linear(w2)
+    y, base = torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)
+    rows, scale = torch.randperm(T, generator=g), torch.rand(T, generator=g)
+    for start, n in ((0, T), (3, 9), (19, 1), (5, 0)):
+        ref = base.clone().index_add_(0, rows[start:start + n], linear_mod.ffn(y[rows[start:start + n]], p13, p2,
+                                                                              scale[start:start + n]))
+        out = base.clone()
+        linear_mod.ffn_add(out, y, rows, p13, p2, scale, start, n)
+        assert torch.equal(out, ref), (start, n)
+        untouched = torch.ones(T, dtype=torch.bool)
+        untouched[rows[start:start + n]] = False
+        assert torch.equal(out[untouched], base[untouched])
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.moe_serve_linear.panel_ffn_add(base, y, rows, p13.panels, p2.panels, scale, 15, 6)
+    with pytest.raises(RuntimeError, match="out of y"):
+        torch.ops.moe_serve_linear.panel_ffn_add(base, y, rows + T, p13.panels, p2.panels, scale, 0, 2)
