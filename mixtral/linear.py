@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from mixtral import native
 
 _PANEL_SRC = (Path(__file__).resolve().parent / "csrc" / "panel_linear.cpp",)
-# Row counts up to here take the panel kernel; from a dozen rows on oneDNN's blocked
-# kernels are ahead (docs/benchmarks.md, single stream).
+# Row counts up to here take the panel kernel: on a decode step's shapes it is ahead of
+# oneDNN's blocked kernels up to 64 rows (bench/linear_rows.py); prompts keep oneDNN.
 SMALL_ROWS = 64
 _PANEL = 16                 # outputs per panel (csrc/panel_linear.cpp)
 

@@ -54,14 +54,13 @@ void pass(const float* x, int64_t ldx, const float* p, const float* next, int64_
   // G = 1: every pass asks for each of next's lines in turn (the repeats measured faster
   // than asking once). G > 1: pass g asks for its share, one line every G iterations.
   const char* pf = reinterpret_cast<const char*>(next) + (G == 1 ? 0 : g * K / G) * NR * 4;
-  const int64_t every = G;
   int64_t tick = 0;
   for (int64_t k = 0; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(p + k * NR), b1 = _mm256_loadu_ps(p + k * NR + 8);
     // One row: the weights are used once, so they come in non-temporal and leave the caches
     // to what the rest of the step needs (torch's and Python's own data). More rows: T0, as
     // the later passes read the panel again.
-    if (++tick == every) {
+    if (++tick == G) {
       tick = 0;
       if constexpr (R == 1)
         _mm_prefetch(pf, _MM_HINT_NTA);
@@ -133,32 +132,32 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor p) {
   return y;
 }
 
-// One row through one SwiGLU expert, scaled by its routing weight: the math of
-//   gate, up = (x @ W13.T).chunk(2);  scale * ((silu(gate) * up) @ W2.T)
-// as the expert code writes it in torch, op for op (torch's own silu, fp32 products), in one
-// call: a single stream's decode step runs two of these per layer, and the six ops and their
-// Python cost more than the math beside the matmuls.
-torch::Tensor panel_ffn_row(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, double scale) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "x must be one row [1, D]");
-  auto gu = panel_linear(x, w13);                               // [1, 2F]
-  const int64_t F = gu.size(1) / 2;
-  TORCH_CHECK(w2.dim() == 3 && w2.size(1) == F, "w2 must be the panels of [D, F] with 2F the rows of w13");
-  auto a = at::silu(gu.narrow(1, 0, F));
-  a.mul_(gu.narrow(1, F, F));
-  return panel_linear(a, w2).mul_(scale);
-}
-
-// The same for a few rows, each scaled by its own weight (scale [R]): a batch's rows of one
-// expert, as torch would do (silu(gate) * up) @ W2.T * scale[:, None].
-torch::Tensor panel_ffn(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor scale) {
-  TORCH_CHECK(x.dim() == 2 && scale.dim() == 1 && scale.size(0) == x.size(0) &&
-              scale.scalar_type() == x.scalar_type(), "scale must hold one weight per row of x, in x's dtype");
+// x [R, D] through one SwiGLU expert, unscaled: the math of
+//   gate, up = (x @ W13.T).chunk(2);  (silu(gate) * up) @ W2.T
+// as the expert code writes it in torch, op for op (torch's own silu, fp32 products). The
+// callers below scale it by the routing weights, so that an expert's rows take one call: a
+// decode step runs one per expert and layer, and the six ops and their Python cost more
+// than the math beside the matmuls.
+static torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& w13, const torch::Tensor& w2) {
   auto gu = panel_linear(x, w13);                               // [R, 2F]
   const int64_t F = gu.size(1) / 2;
   TORCH_CHECK(w2.dim() == 3 && w2.size(1) == F, "w2 must be the panels of [D, F] with 2F the rows of w13");
   auto a = at::silu(gu.narrow(1, 0, F));
   a.mul_(gu.narrow(1, F, F));
-  return panel_linear(a, w2).mul_(scale.unsqueeze(1));
+  return panel_linear(a, w2);                                   // [R, D]
+}
+
+// One row, times its routing weight (a float: no tensor to build for it).
+torch::Tensor panel_ffn_row(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, double scale) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "x must be one row [1, D]");
+  return swiglu(x, w13, w2).mul_(scale);
+}
+
+// A few rows, each times its own weight (scale [R]): as torch would do ... * scale[:, None].
+torch::Tensor panel_ffn(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor scale) {
+  TORCH_CHECK(x.dim() == 2 && scale.dim() == 1 && scale.size(0) == x.size(0) &&
+              scale.scalar_type() == x.scalar_type(), "scale must hold one weight per row of x, in x's dtype");
+  return swiglu(x, w13, w2).mul_(scale.unsqueeze(1));
 }
 
 // The rows rows[start .. start + n) of y through the expert, each times its scale, added
