@@ -1,4 +1,5 @@
-// The CPU attention kernels and fused small ops as torch ops (torch.ops.moe_serve.*), so profilers and tracing see them.
+// The CPU attention kernels and fused small ops as torch ops (torch.ops.moe_serve.*), so
+// profilers and tracing see them.
 
 #include <torch/extension.h>
 
