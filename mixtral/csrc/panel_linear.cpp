@@ -47,7 +47,7 @@ constexpr int64_t MR = 6;    // rows of x per pass: 12 accumulators, 2 weight ve
 
 template <int R>
 void pass(const float* x, int64_t ldx, const float* p, const float* next, int64_t K, float* y, int64_t ldy,
-          int64_t g, int64_t G) {
+          int64_t g, int64_t G, bool once) {
   static_assert(R >= 1 && R <= MR);
 #ifdef __AVX2__
   MOE_ACC(0) MOE_ACC(1) MOE_ACC(2) MOE_ACC(3) MOE_ACC(4) MOE_ACC(5)
@@ -57,12 +57,12 @@ void pass(const float* x, int64_t ldx, const float* p, const float* next, int64_
   int64_t tick = 0;
   for (int64_t k = 0; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(p + k * NR), b1 = _mm256_loadu_ps(p + k * NR + 8);
-    // One row: the weights are used once, so they come in non-temporal and leave the caches
-    // to what the rest of the step needs (torch's and Python's own data). More rows: T0, as
-    // the later passes read the panel again.
+    // One pass: the weights are used once, so they come in non-temporal and leave the caches
+    // to what the rest of the step needs (torch's and Python's own data). More passes: T0,
+    // as the later passes read the panel again.
     if (++tick == G) {
       tick = 0;
-      if constexpr (R == 1)
+      if (once)
         _mm_prefetch(pf, _MM_HINT_NTA);
       else
         _mm_prefetch(pf, _MM_HINT_T0);
@@ -72,7 +72,7 @@ void pass(const float* x, int64_t ldx, const float* p, const float* next, int64_
   }
   MOE_STORE(0) MOE_STORE(1) MOE_STORE(2) MOE_STORE(3) MOE_STORE(4) MOE_STORE(5)
 #else
-  (void)next, (void)g, (void)G;
+  (void)next, (void)g, (void)G, (void)once;
   float c[R][NR] = {};
   for (int64_t k = 0; k < K; ++k)
     for (int m = 0; m < R; ++m)
@@ -85,7 +85,8 @@ void pass(const float* x, int64_t ldx, const float* p, const float* next, int64_
 #undef MOE_FMA
 #undef MOE_STORE
 
-using Pass = void (*)(const float*, int64_t, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t);
+using Pass = void (*)(const float*, int64_t, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t,
+                     bool);
 constexpr Pass kPass[MR + 1] = {nullptr, pass<1>, pass<2>, pass<3>, pass<4>, pass<5>, pass<6>};
 
 void check_cpu_f32(const torch::Tensor& t, const char* name) {
@@ -120,13 +121,14 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor p) {
   at::parallel_for(0, P, 4, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const float* panel = pp + j * K * NR;
-      // With more than one row, the computing leaves the memory idle: each pass asks for the
+      // With more than one pass, the computing leaves the memory idle: each pass asks for the
       // thread's next panel, line by line, so it is on its way while this one is worked on.
-      // One row asks 2 KB ahead of itself (prefetches never fault, past the end or not).
-      const float* next = M == 1 ? reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(panel) + 2048)
+      // One pass (up to MR rows) asks 2 KB ahead of itself, which streams faster than asking
+      // for the next panel (docs/benchmarks.md); prefetches never fault, past the end or not.
+      const float* next = passes == 1 ? reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(panel) + 2048)
                         : j + 1 < j1 ? panel + K * NR : panel;
       for (int64_t g = 0, m = 0; g < passes; m += rows(g), ++g)
-        kPass[rows(g)](xp + m * K, K, panel, next, K, yp + m * N + j * NR, N, g, spread);
+        kPass[rows(g)](xp + m * K, K, panel, next, K, yp + m * N + j * NR, N, g, spread, passes == 1);
     }
   });
   return y;
