@@ -1,8 +1,9 @@
-"""Where a single stream's decode step goes: torch ops dispatched and time per step.
+"""Where a decode step goes (a single stream's, or --batch's): torch ops dispatched and time per step.
 
 What it measures
     The "bench" preset in this process (experts in-process, the default EngineConfig), one
-    request of a 128-token prompt decoding --new tokens greedily, and per decode step:
+    request (--batch of them) of a 128-token prompt decoding --new tokens greedily, and per
+    decode step (once every prompt is in):
       ops      torch ops dispatched (torch.profiler, every aten/mkldnn/moe_serve op counted)
       cpu_ms   this process's CPU time per step, median (with one torch thread: less moved
                by other processes' load than wall time, which a shared machine makes noisy)
@@ -17,6 +18,7 @@ Run
     .venv/bin/python -m bench.decode_step            # about a minute
     .venv/bin/python -m bench.decode_step --threads 2
     .venv/bin/python -m bench.decode_step --compare panels --threads 2
+    .venv/bin/python -m bench.decode_step --compare panels --threads 2 --batch 32
 """
 
 from __future__ import annotations
@@ -41,27 +43,30 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--new", type=int, default=64, help="new tokens per run (default 64)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per side (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--batch", type=int, default=1, help="requests decoding together (default 1)")
     ap.add_argument("--compare", choices=("fused", "panels"), default="fused",
                     help="the kernel to switch on and off (default: fused)")
     ap.add_argument("--out", help="file name under bench/out/ (default decode_step_<compare>.json)")
     return ap.parse_args()
 
 
-def one_run(engine, loop, prompt: list[int], new: int, prof: bool = False):
+def one_run(engine, loop, prompts: list[list[int]], new: int, prof: bool = False):
     """-> (output ids, per decode step: [(cpu s, wall s)] or the profiler's op count)."""
-    seq = engine.add(prompt, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
-    loop.run_until_complete(engine.step())                       # the prompt
+    seqs = [engine.add(p, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)) for p in prompts]
+    while any(s.num_output == 0 for s in seqs):                  # the prompts
+        loop.run_until_complete(engine.step())
+    left = new - min(s.num_output for s in seqs)
     if prof:
         with profile(activities=[ProfilerActivity.CPU]) as p:
             while engine.has_work:
                 loop.run_until_complete(engine.step())
-        return seq.output_ids, sum(e.count for e in p.key_averages()) / (new - 1)
+        return [s.output_ids for s in seqs], sum(e.count for e in p.key_averages()) / left
     steps = []
     while engine.has_work:
         c0, t0 = time.process_time(), time.perf_counter()
         loop.run_until_complete(engine.step())
         steps.append((time.process_time() - c0, time.perf_counter() - t0))
-    return seq.output_ids, steps
+    return [s.output_ids for s in seqs], steps
 
 
 def main() -> int:
@@ -79,19 +84,19 @@ def main() -> int:
     if fused is None:
         print(f"decode_step: the {a.compare} CPU kernels do not apply here (no compiler, or not fp32 on CPU)")
         return 1
-    prompt = common.random_prompts(1, 128, 128, 32000, seed=0)[0]
+    prompts = common.random_prompts(a.batch, 128, 128, 32000, seed=0)
     loop = asyncio.new_event_loop()
     steps: dict[str, list] = {s: [] for s in sides}
     tokens: dict[str, list] = {}
-    one_run(engine, loop, prompt, 8)                             # warm-up
+    one_run(engine, loop, prompts, 8)                            # warm-up
     for _ in range(a.repeats):
         for side, switch in sides.items():
             switch()
-            tokens[side], st = one_run(engine, loop, prompt, a.new)
+            tokens[side], st = one_run(engine, loop, prompts, a.new)
             steps[side] += st
     for side, switch in sides.items():
         switch()
-        _, count = one_run(engine, loop, prompt, 17, prof=True)
+        _, count = one_run(engine, loop, prompts, 17, prof=True)
         cpu = statistics.median(c for c, _ in steps[side]) * 1e3
         wall = statistics.median(w for _, w in steps[side]) * 1e3
         result[side] = {"ops": count, "cpu_ms": round(cpu, 3), "wall_ms": round(wall, 3)}
