@@ -5,7 +5,7 @@ What it measures
     sides: our engine in this process (experts in-process, the default EngineConfig) and
     llama.cpp's `llama-batched-bench` on the GGUF converted from the same checkpoint, both
     on the machine's cores. Every request: a 128-token prompt (--prompt), 256 new tokens
-    (--new), greedy, EOS ignored.
+    (--new), greedy, EOS ignored; prefix caching off, so every run prefills as llama.cpp's does.
       single   one request alone
       batch    --batch requests (default 32) submitted together
     Figure per side: output tokens / wall time from submission to the last token (prompt
@@ -135,7 +135,9 @@ def main() -> int:
     src = llama_cpp()
     model = gguf(src, ckpt)
     prompts = common.random_prompts(a.batch, a.prompt, a.prompt, 32000, seed=0)
-    engine, tok = build_engine(ckpt, EngineConfig())
+    # Every run prefills its prompts, as llama-batched-bench does: the same prompts run after
+    # run would otherwise come from the prefix cache (bench/prefix.py measures that).
+    engine, tok = build_engine(ckpt, EngineConfig(prefix_caching=False))
     aeng, loop = AsyncEngine(engine, tok), asyncio.new_event_loop()
     ours_run(aeng, prompts[:2], 8, loop)                               # warm-up: kernels, allocator
     log(f"vs_llama_cpp workload: prompt {a.prompt} tokens, {a.new} new tokens, greedy; batch {a.batch}; "
