@@ -163,9 +163,10 @@ def test_a_full_queue_is_refused_with_429_and_retry_after(door):
     assert status == 429 and headers["retry-after"] == "7" and err["error"]["type"] == "rate_limit_error"
 
     req = pb.GenerateRequest(text="Go on", max_tokens=2000, ignore_eos=True)
+    # The second is sent once the first streams: sent together, either could run first.
     calls = [stub.Generate(req, metadata=AUTH, timeout=60)]
-    next(calls[0])                                                           # running, before the second is sent:
-    calls.append(stub.Generate(req, metadata=AUTH, timeout=60))              # sent together, either may run first
+    next(calls[0])                                                           # running
+    calls.append(stub.Generate(req, metadata=AUTH, timeout=60))
     _until(lambda: grpc_backend.engine.num_waiting == 1)
     refused = stub.Generate(pb.GenerateRequest(text="hi", max_tokens=1), metadata=AUTH, timeout=30)
     with pytest.raises(grpc.RpcError) as e:
