@@ -164,3 +164,19 @@ def test_ffn_add_is_index_add_of_the_rows_bit_for_bit():
         torch.ops.moe_serve_linear.panel_ffn_add(base, y, rows, p13.panels, p2.panels, scale, 15, 6)
     with pytest.raises(RuntimeError, match="out of y"):
         torch.ops.moe_serve_linear.panel_ffn_add(base, y, rows + T, p13.panels, p2.panels, scale, 0, 2)
+
+
+@needs_panels
+@pytest.mark.parametrize("M", [1, 7, 12, 13, 25, SMALL_ROWS])
+def test_a_panels_outputs_do_not_depend_on_the_panel_beside_it(M):
+    """Panels run two to a pass where the CPU has the registers for it, the last alone when
+    their count is odd: an output is the same bits whichever panel shares its pass, and its
+    row is the same bits whichever rows share theirs."""
+    w48 = pack_linear(W[:48])       # 3 panels: a pair and one alone
+    w64 = pack_linear(W[:64])       # 4 panels: two pairs
+    w16 = pack_linear(W[16:32])     # panel 1 of the others, alone
+    y48, y64, y16 = linear(X[:M], w48), linear(X[:M], w64), linear(X[:M], w16)
+    assert torch.equal(y48, y64[:, :48])
+    assert torch.equal(y16, y64[:, 16:32])
+    assert torch.equal(linear(X[:1], w48), y48[:1])
+    torch.testing.assert_close(y64, F.linear(X[:M], W[:64]), atol=1e-4, rtol=1e-5)

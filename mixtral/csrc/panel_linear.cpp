@@ -7,12 +7,15 @@
 //
 // A decode step multiplies one or a few rows by every weight of the model: the time is the
 // time to stream the weights from memory. In panels, a block of 16 outputs reads its weights
-// as one contiguous run, each k a 64-byte line that two 8-lane FMAs per row of x consume,
-// with the row's x[k] broadcast; up to 6 rows of x share each weight load, and no horizontal
-// sums are needed. Threads take whole panels.
+// as one contiguous run, each k a 64-byte line: with AVX-512 one 16-lane FMA per row of x
+// consumes it, two panels side by side in one pass (two streams, up to 12 rows sharing each
+// weight load: 24 accumulators of the 32 registers); with AVX2 two 8-lane FMAs, one panel,
+// up to 6 rows (12 of 16 registers). The row's x[k] is broadcast, and no horizontal sums
+// are needed. Threads take whole units of panels.
 //
-// Every output is the sum over k in order, one FMA per k, whatever M is and whichever rows
-// share a pass: a row's result does not depend on the rows beside it.
+// Every output is the sum over k in order, one FMA per k, whatever M is, whichever rows
+// share a pass and whichever panel sits beside it: a row's result does not depend on the
+// rows beside it, and the AVX-512, AVX2 and scalar paths give the same bits.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -27,11 +30,74 @@
 namespace {
 
 constexpr int64_t NR = 16;   // outputs per panel
+
+using Pass = void (*)(const float*, int64_t, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t,
+                     bool);
+
+#ifdef __AVX512F__
+constexpr int64_t MR = 12;   // rows of x per pass: 2 x 12 accumulators, 2 weight vectors
+constexpr int64_t UNIT = 2;  // panels per pass
+
+// y[m, 0:16 U] = sum_k x[m, k] * (p[k, 0:16], q[k, 0:16]) for the R rows of x at x (row stride
+// ldx), q = p + K * 16 the panel beside p when U = 2. Eight rows and more in one pass, where
+// the 8-lane path ran them as two passes of four (docs/benchmarks.md): a 32-sequence step's
+// matmuls 1.19x faster, 2 threads (one-off). The accumulators are named, not an array: with
+// an array GCC keeps them on the stack and stores them every k.
+#define MOE_ACC(m) __m512 c_##m = _mm512_setzero_ps(), d_##m = _mm512_setzero_ps();
+#define MOE_FMA(m)                                                   \
+  if constexpr (R > m) {                                             \
+    const __m512 a = _mm512_set1_ps(x[m * ldx + k]);                 \
+    c_##m = _mm512_fmadd_ps(a, b, c_##m);                            \
+    if constexpr (U == 2) d_##m = _mm512_fmadd_ps(a, e, d_##m);      \
+  }
+#define MOE_STORE(m)                                                 \
+  if constexpr (R > m) {                                             \
+    _mm512_storeu_ps(y + m * ldy, c_##m);                            \
+    if constexpr (U == 2) _mm512_storeu_ps(y + m * ldy + NR, d_##m); \
+  }
+
+template <int R, int U>
+void pass(const float* x, int64_t ldx, const float* p, const float* next, int64_t K, float* y, int64_t ldy,
+          int64_t g, int64_t G, bool once) {
+  static_assert(R >= 1 && R <= MR && (U == 1 || U == 2));
+  MOE_ACC(0) MOE_ACC(1) MOE_ACC(2) MOE_ACC(3) MOE_ACC(4) MOE_ACC(5)
+  MOE_ACC(6) MOE_ACC(7) MOE_ACC(8) MOE_ACC(9) MOE_ACC(10) MOE_ACC(11)
+  const float* q = p + K * NR;
+  // One pass: each stream asks 2 KB ahead of itself (next), non-temporal. More passes: pass g
+  // asks for its share of the next unit's U K lines, U lines every G iterations, T0.
+  const char* pf = reinterpret_cast<const char*>(next) + (G == 1 ? 0 : g * U * K / G) * NR * 4;
+  int64_t tick = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b = _mm512_loadu_ps(p + k * NR);
+    __m512 e = b;
+    if constexpr (U == 2) e = _mm512_loadu_ps(q + k * NR);
+    if (once) {
+      _mm_prefetch(pf, _MM_HINT_NTA);
+      if constexpr (U == 2) _mm_prefetch(pf + K * NR * 4, _MM_HINT_NTA);
+      pf += NR * 4;
+    } else if (++tick == G) {
+      tick = 0;
+      _mm_prefetch(pf, _MM_HINT_T0);
+      if constexpr (U == 2) _mm_prefetch(pf + NR * 4, _MM_HINT_T0);
+      pf += U * NR * 4;
+    }
+    MOE_FMA(0) MOE_FMA(1) MOE_FMA(2) MOE_FMA(3) MOE_FMA(4) MOE_FMA(5)
+    MOE_FMA(6) MOE_FMA(7) MOE_FMA(8) MOE_FMA(9) MOE_FMA(10) MOE_FMA(11)
+  }
+  MOE_STORE(0) MOE_STORE(1) MOE_STORE(2) MOE_STORE(3) MOE_STORE(4) MOE_STORE(5)
+  MOE_STORE(6) MOE_STORE(7) MOE_STORE(8) MOE_STORE(9) MOE_STORE(10) MOE_STORE(11)
+}
+
+#define MOE_PASSES(U) {nullptr, pass<1, U>, pass<2, U>, pass<3, U>, pass<4, U>, pass<5, U>, pass<6, U>, \
+                       pass<7, U>, pass<8, U>, pass<9, U>, pass<10, U>, pass<11, U>, pass<12, U>}
+constexpr Pass kPass[UNIT + 1][MR + 1] = {{}, MOE_PASSES(1), MOE_PASSES(2)};
+#undef MOE_PASSES
+
+#else
 constexpr int64_t MR = 6;    // rows of x per pass: 12 accumulators, 2 weight vectors, 1 broadcast
+constexpr int64_t UNIT = 1;  // panels per pass
 
 // y[m, 0:16] = sum_k x[m, k] * p[k, 0:16] for the R rows of x at x (row stride ldx).
-// The accumulators are named, not an array: with an array GCC keeps them on the stack and
-// stores all twelve every k, which held the kernel to a third of the FMA rate.
 #define MOE_ACC(m) __m256 c0_##m = _mm256_setzero_ps(), c1_##m = _mm256_setzero_ps();
 #define MOE_FMA(m)                                                   \
   if constexpr (R > m) {                                             \
@@ -45,10 +111,10 @@ constexpr int64_t MR = 6;    // rows of x per pass: 12 accumulators, 2 weight ve
     _mm256_storeu_ps(y + m * ldy + 8, c1_##m);                       \
   }
 
-template <int R>
+template <int R, int U>
 void pass(const float* x, int64_t ldx, const float* p, const float* next, int64_t K, float* y, int64_t ldy,
           int64_t g, int64_t G, bool once) {
-  static_assert(R >= 1 && R <= MR);
+  static_assert(R >= 1 && R <= MR && U == 1);
 #ifdef __AVX2__
   MOE_ACC(0) MOE_ACC(1) MOE_ACC(2) MOE_ACC(3) MOE_ACC(4) MOE_ACC(5)
   // G = 1: every pass asks for each of next's lines in turn (the repeats measured faster
@@ -81,13 +147,13 @@ void pass(const float* x, int64_t ldx, const float* p, const float* next, int64_
 #endif
 }
 
+constexpr Pass kPass[UNIT + 1][MR + 1] = {
+    {}, {nullptr, pass<1, 1>, pass<2, 1>, pass<3, 1>, pass<4, 1>, pass<5, 1>, pass<6, 1>}};
+#endif
+
 #undef MOE_ACC
 #undef MOE_FMA
 #undef MOE_STORE
-
-using Pass = void (*)(const float*, int64_t, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t,
-                     bool);
-constexpr Pass kPass[MR + 1] = {nullptr, pass<1>, pass<2>, pass<3>, pass<4>, pass<5>, pass<6>};
 
 void check_cpu_f32(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.device().is_cpu(), name, " must be an fp32 CPU tensor");
@@ -117,18 +183,22 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor p) {
   // spends its time on loads, not FMAs.
   const int64_t passes = (M + MR - 1) / MR;
   const auto rows = [&](int64_t g) { return M / passes + (g < M % passes); };
-  const int64_t spread = passes == 2 ? 2 : 1;   // two passes share the next panel's fetch (measured)
-  at::parallel_for(0, P, 4, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
+  // The passes share the next unit's fetch; with one panel a unit, from three passes on each
+  // asks for all of it (both measured).
+  const int64_t spread = UNIT == 2 ? passes : passes == 2 ? 2 : 1;
+  const int64_t units = (P + UNIT - 1) / UNIT;  // the last one short when P is not a multiple
+  at::parallel_for(0, units, std::max<int64_t>(1, 4 / UNIT), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t j = u * UNIT, U = std::min(UNIT, P - j);
       const float* panel = pp + j * K * NR;
       // With more than one pass, the computing leaves the memory idle: each pass asks for the
-      // thread's next panel, line by line, so it is on its way while this one is worked on.
+      // thread's next unit, line by line, so it is on its way while this one is worked on.
       // One pass (up to MR rows) asks 2 KB ahead of itself, which streams faster than asking
-      // for the next panel (docs/benchmarks.md); prefetches never fault, past the end or not.
+      // for the next unit (docs/benchmarks.md); prefetches never fault, past the end or not.
       const float* next = passes == 1 ? reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(panel) + 2048)
-                        : j + 1 < j1 ? panel + K * NR : panel;
+                        : u + 1 < u1 ? panel + U * K * NR : panel;
       for (int64_t g = 0, m = 0; g < passes; m += rows(g), ++g)
-        kPass[rows(g)](xp + m * K, K, panel, next, K, yp + m * N + j * NR, N, g, spread, passes == 1);
+        kPass[U][rows(g)](xp + m * K, K, panel, next, K, yp + m * N + j * NR, N, g, spread, passes == 1);
     }
   });
   return y;
