@@ -43,7 +43,7 @@ class Engine:
         self.blocks = BlockManager(self.kv.num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_batched_tokens)
         self.runner = ModelRunner(model, self.kv, transport, placement, cfg.micro_batches, cfg.cuda_graphs,
-                                  self.max_model_len)
+                                  self.max_model_len, cfg.greedy_screen)
         self.routing = RoutingStats(placement.group_of)
         self.runner.on_route = self.routing.add
         # Compiles and matches constrained outputs; needs the tokenizer, so open_engine sets it.

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from attention_service.attention import AttentionMetadata, attend, paged_attention
+from mixtral.greedy import greedy_tokens
 
 # The matmul helpers the expert math uses too: fp32 weights on CPU go to oneDNN (see pack_linear).
 from mixtral.linear import linear, pack_linear
@@ -80,6 +81,9 @@ class AttentionModel:
         # The fused CPU ops (torch.ops.moe_serve: rms_norm, qkv_rope_cache) where the runner
         # found them to apply (fp32 on CPU); None: the torch code below.
         self.fused = None
+        # The lm_head's bf16 screen (mixtral/greedy.py) where the runner built one: greedy
+        # steps take their tokens from `greedy` without every fp32 logit. None: `logits` only.
+        self.greedy_head = None
         self._cos = self._sin = None    # rope tables [P, Dh] for positions 0 .. P - 1, grown on demand
 
     def norm_(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -130,3 +134,13 @@ class AttentionModel:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, D] (last positions) -> logits [B, V] in fp32."""
         return linear(self.norm_(x, self.norm), self.lm_head).float()
+
+    def greedy(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, D] (last positions) -> [B] int64, logits(x).argmax(-1) (first of equal maxima)
+        the same tokens, through the screen: every fp32 logit only for a row it gives back."""
+        a = self.norm_(x, self.norm)
+        tokens = greedy_tokens(a, self.greedy_head)
+        back = (tokens < 0).nonzero().flatten()
+        if back.numel():
+            tokens[back] = linear(a[back], self.lm_head).float().argmax(-1)
+        return tokens

@@ -34,6 +34,7 @@ from attention_service.sampler import sample, top_logprobs
 from attention_service.scheduler import Failed, Scheduled
 from attention_service.sequence import Sequence
 from attention_service.transport import ExpertTransport
+from mixtral.greedy import pack_greedy
 from router.dispatch import Placement, combine, plan
 from router.gating import route
 
@@ -65,7 +66,8 @@ class MicroBatch:
 
 class ModelRunner:
     def __init__(self, model: AttentionModel, kv: KVCache, transport: ExpertTransport, placement: Placement,
-                 micro_batches: int = 1, cuda_graphs: bool = True, max_model_len: int | None = None):
+                 micro_batches: int = 1, cuda_graphs: bool = True, max_model_len: int | None = None,
+                 greedy_screen: bool = True):
         self.model, self.kv, self.transport, self.placement = model, kv, transport, placement
         self.micro_batches = micro_batches
         self.on_route = None   # optional hook(layer, expert ids [T, K]) for routing statistics
@@ -73,6 +75,8 @@ class ModelRunner:
         self.decode_kernel, self.prefill_kernel = attention_kernels(model.dtype, model.device)
         if os.environ.get("MOE_SERVE_ATTENTION", "auto") != "torch":
             model.fused = cpu_kernels.fused_ops(model.dtype, model.device)
+        if greedy_screen and model.greedy_head is None:
+            model.greedy_head = pack_greedy(model.lm_head)
         # Looked up once rather than in every layer of every step.
         self._kv_layers = [(kv.k[layer], kv.v[layer]) for layer in range(len(model.layers))]
         self._groups = [(placement.group_of[layer], placement.only_group(layer)) for layer in range(len(model.layers))]
@@ -134,8 +138,9 @@ class ModelRunner:
             self.on_route(layer, ids)
         return h, y, plan(ids, weights, *self._groups[layer])
 
-    async def forward(self, mb: MicroBatch) -> torch.Tensor:
-        """The layer loop for one micro-batch -> logits [len(logit_rows), V]."""
+    async def forward(self, mb: MicroBatch, greedy: bool = False) -> torch.Tensor:
+        """The layer loop for one micro-batch -> logits [len(logit_rows), V], or with greedy
+        their argmax [len(logit_rows)] from the model's screen."""
         m = self.model
         x = m.embed(mb.tokens)
         rope = None if mb.graph is not None else m.rope(mb.positions, mb.upto)   # graphs compute their own
@@ -143,11 +148,11 @@ class ModelRunner:
             h, y, batches = await self._compute(self._attend, layer, x, rope, mb)
             parts = await self.transport.forward(layer, y, batches)
             x = combine(parts, batches, h)
-        return await self._compute(m.logits, x[mb.logit_rows])
+        return await self._compute(m.greedy if greedy else m.logits, x[mb.logit_rows])
 
-    async def logits(self, scheduled: list[Scheduled], all_logits: bool = False) -> torch.Tensor:
+    async def logits(self, scheduled: list[Scheduled], all_logits: bool = False, greedy: bool = False) -> torch.Tensor:
         mbs = [self.prepare(part, all_logits) for part in self.split(scheduled)]
-        outs = await asyncio.gather(*(self.forward(mb) for mb in mbs))
+        outs = await asyncio.gather(*(self.forward(mb, greedy) for mb in mbs))
         return torch.cat(outs)
 
     async def run(self, scheduled: list[Scheduled]) -> list[int | Failed | None]:
@@ -156,6 +161,10 @@ class ModelRunner:
         if not scheduled:
             return []
         sampling = [s.seq for s in scheduled if s.samples]
+        if self.model.greedy_head is not None and sampling and all(_plain_greedy(q) for q in sampling):
+            # Only the argmax is wanted: no logits to mask, penalize, sample or score.
+            it = iter((await self.logits(scheduled, greedy=True)).tolist())
+            return [next(it) if s.samples else None for s in scheduled]
         masks = _start_masks(sampling, self.model.device)   # filled on a worker thread while the model runs
         logits = await self.logits(scheduled)                                    # [B, V]
         raw = logits
@@ -173,6 +182,11 @@ class ModelRunner:
             picked = [_sample_one(logits[i:i + 1], q, raw[i:i + 1]) for i, q in enumerate(sampling)]
         it = iter(picked)
         return [next(it) if s.samples else None for s in scheduled]
+
+
+def _plain_greedy(q: Sequence) -> bool:
+    p = q.params
+    return p.greedy and not p.penalized and not p.scored and q.grammar is None
 
 
 def _start_masks(seqs: list[Sequence], device: torch.device) -> tuple[list[int], Future] | None:

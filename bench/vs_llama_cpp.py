@@ -8,10 +8,14 @@ What it measures
     (--new), greedy, EOS ignored; prefix caching off, so every run prefills as llama.cpp's does.
       single   one request alone
       batch    --batch requests (default 32) submitted together
+    Our side runs twice: as configured by default, where greedy steps take their tokens from
+    the lm_head's bf16 screen and an fp32 check (mixtral/greedy.py: the same tokens as every
+    fp32 logit), and with `greedy_screen` off, every fp32 logit computed as llama.cpp does.
     Figure per side: output tokens / wall time from submission to the last token (prompt
     processing included, as llama-batched-bench's total time), median of --repeats runs; the
     two sides take turns run by run, so a shared machine's slow spells fall on both alike.
-    Ratios ours / llama.cpp: single (target >= 1.0) and batch (must stay >= 2.0).
+    Ratios ours / llama.cpp: single (target >= 1.0) and batch (must stay >= 2.0), and the
+    same without the screen.
 
 llama.cpp
     Built on first use from the source tarball inside the `llama-cpp-python` package on PyPI
@@ -137,23 +141,32 @@ def main() -> int:
     prompts = common.random_prompts(a.batch, a.prompt, a.prompt, 32000, seed=0)
     # Every run prefills its prompts, as llama-batched-bench does: the same prompts run after
     # run would otherwise come from the prefix cache (bench/prefix.py measures that).
-    engine, tok = build_engine(ckpt, EngineConfig(prefix_caching=False))
-    aeng, loop = AsyncEngine(engine, tok), asyncio.new_event_loop()
-    ours_run(aeng, prompts[:2], 8, loop)                               # warm-up: kernels, allocator
+    loop = asyncio.new_event_loop()
+    engines = {}
+    for screen in (True, False):
+        engine, tok = build_engine(ckpt, EngineConfig(prefix_caching=False, greedy_screen=screen))
+        engines[screen] = AsyncEngine(engine, tok)
+        ours_run(engines[screen], prompts[:2], 8, loop)                # warm-up: kernels, allocator
     log(f"vs_llama_cpp workload: prompt {a.prompt} tokens, {a.new} new tokens, greedy; batch {a.batch}; "
         f"llama.cpp threads {a.threads}, torch threads {torch.get_num_threads()}; repeats {a.repeats}")
     for name, n in (("single", 1), ("batch", a.batch)):
         # Run by run in turn, so that a shared machine's slow spells fall on both sides alike.
-        ours, theirs = [], []
+        ours, plain, theirs = [], [], []
         for _ in range(a.repeats):
-            ours.append(ours_run(aeng, prompts[:n], a.new, loop))
+            ours.append(ours_run(engines[True], prompts[:n], a.new, loop))
+            plain.append(ours_run(engines[False], prompts[:n], a.new, loop))
             theirs.append(n * a.new / llama_run(src, model, a, n)["t"])
-        o, t = statistics.median(ours), statistics.median(theirs)
+        o, p, t = statistics.median(ours), statistics.median(plain), statistics.median(theirs)
         target = f"target >= {TARGET_SINGLE}" if n == 1 else f"must stay >= {FLOOR_BATCH}"
-        log(f"vs_llama_cpp {name}: ours {o:.1f} output tokens/s (runs {', '.join(f'{x:.1f}' for x in ours)}), "
-            f"llama.cpp {t:.1f} (runs {', '.join(f'{x:.1f}' for x in theirs)}); ratio {o / t:.2f} ({target})")
-        result[name] = {"ours": ours, "llama_cpp": theirs, "ratio": o / t}
-    loop.run_until_complete(aeng.close())
+        runs = lambda xs: ", ".join(f"{x:.1f}" for x in xs)                  # noqa: E731
+        log(f"vs_llama_cpp {name}: ours {o:.1f} output tokens/s (runs {runs(ours)}), llama.cpp {t:.1f} "
+            f"(runs {runs(theirs)}); ratio {o / t:.2f} ({target})")
+        log(f"vs_llama_cpp {name}, greedy screen off: ours {p:.1f} output tokens/s (runs {runs(plain)}); "
+            f"ratio {p / t:.2f}")
+        result[name] = {"ours": ours, "ours_screen_off": plain, "llama_cpp": theirs, "ratio": o / t,
+                        "ratio_screen_off": p / t}
+    for aeng in engines.values():
+        loop.run_until_complete(aeng.close())
     log(f"vs_llama_cpp wrote {common.write_json(a.out, result)}")
     return 0
 

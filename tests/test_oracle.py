@@ -8,6 +8,7 @@ import torch
 from attention_service.config import EngineConfig
 from attention_service.sampling_params import SamplingParams
 from cluster.local import build_engine
+from mixtral import greedy
 from mixtral.config import ModelConfig, preset
 
 transformers = pytest.importorskip("transformers")
@@ -71,6 +72,7 @@ LAYOUTS = {
     "2 groups, 4-token blocks": dict(groups=2, cfg=EngineConfig(block_size=4)),
     "all groups, chunked prefill": dict(groups=None, cfg=EngineConfig(block_size=16, max_batched_tokens=40)),
     "torch attention": dict(groups=2, cfg=EngineConfig(block_size=4), kernel=False),
+    "every fp32 logit": dict(groups=1, cfg=EngineConfig(greedy_screen=False)),
 }
 
 
@@ -81,6 +83,8 @@ def test_greedy_generation_matches(model, hf_greedy, layout):
     engine, _ = build_engine(path, LAYOUTS[layout]["cfg"], groups=groups)
     # CPU, fp32: the kernels unless told otherwise
     assert engine.runner.decode_kernel is not None and engine.runner.prefill_kernel is not None
+    # Greedy tokens from the lm_head's screen wherever the CPU can build it (mixtral/greedy.py)
+    assert (engine.model.greedy_head is not None) == (LAYOUTS[layout]["cfg"].greedy_screen and greedy._built())
     if not LAYOUTS[layout].get("kernel", True):
         engine.runner.decode_kernel = engine.runner.prefill_kernel = None
     prompts, refs = hf_greedy
