@@ -63,11 +63,16 @@ constexpr int64_t MR = 12;   // rows per pass: 2 x 12 accumulators, as in panel_
   }
 
 template <int R, int U>
-void screen(const uint16_t* xb, int64_t ldx, const uint16_t* b, int64_t Bk, float* a, int64_t lda, bool once) {
+void screen(const uint16_t* xb, int64_t ldx, const uint16_t* b, const uint16_t* next, int64_t Bk, float* a,
+            int64_t lda, int64_t g, int64_t G) {
   MOE_ACC(0) MOE_ACC(1) MOE_ACC(2) MOE_ACC(3) MOE_ACC(4) MOE_ACC(5)
   MOE_ACC(6) MOE_ACC(7) MOE_ACC(8) MOE_ACC(9) MOE_ACC(10) MOE_ACC(11)
   const uint16_t* q = b + Bk * NR * 2;
-  const char* pf = reinterpret_cast<const char*>(b) + 2048;   // a stream's lines 2 KB ahead
+  // As panel_linear's passes: one pass asks for each stream's lines 2 KB ahead, non-temporal;
+  // with G passes, pass g asks for its share of the next unit's lines, U every G iterations.
+  const bool once = G == 1 && next == b;
+  const char* pf = reinterpret_cast<const char*>(next) + (once ? 2048 : g * U * Bk / G * 64);
+  int64_t tick = 0;
   for (int64_t i = 0; i < Bk; ++i) {
     const __m512bh wl = (__m512bh)_mm512_loadu_si512(b + i * NR * 2);
     __m512bh wr = wl;
@@ -76,6 +81,11 @@ void screen(const uint16_t* xb, int64_t ldx, const uint16_t* b, int64_t Bk, floa
       _mm_prefetch(pf, _MM_HINT_NTA);
       if constexpr (U == 2) _mm_prefetch(pf + Bk * NR * 4, _MM_HINT_NTA);
       pf += 64;
+    } else if (++tick == G) {
+      tick = 0;
+      _mm_prefetch(pf, _MM_HINT_T0);
+      if constexpr (U == 2) _mm_prefetch(pf + 64, _MM_HINT_T0);
+      pf += U * 64;
     }
     MOE_DP(0) MOE_DP(1) MOE_DP(2) MOE_DP(3) MOE_DP(4) MOE_DP(5)
     MOE_DP(6) MOE_DP(7) MOE_DP(8) MOE_DP(9) MOE_DP(10) MOE_DP(11)
@@ -88,7 +98,8 @@ void screen(const uint16_t* xb, int64_t ldx, const uint16_t* b, int64_t Bk, floa
 #undef MOE_DP
 #undef MOE_STORE
 
-using Screen = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool);
+using Screen = void (*)(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, int64_t, float*, int64_t, int64_t,
+                       int64_t);
 #define MOE_SCREENS(U) {nullptr, screen<1, U>, screen<2, U>, screen<3, U>, screen<4, U>, screen<5, U>, screen<6, U>, \
                         screen<7, U>, screen<8, U>, screen<9, U>, screen<10, U>, screen<11, U>, screen<12, U>}
 constexpr Screen kScreen[3][MR + 1] = {{}, MOE_SCREENS(1), MOE_SCREENS(2)};
@@ -163,8 +174,9 @@ torch::Tensor greedy_argmax(torch::Tensor x, torch::Tensor p, torch::Tensor b, t
     // Finite, and far from overflow: every partial sum is below |x| max|w_n| (1 + g).
     ok[m] = std::isfinite(nx) && std::isfinite(err[m]) && nx * Wn < FLT_MAX / 4;
   }
-  auto a = torch::empty({M, N}, x.options());
-  float* A = a.data_ptr<float>();
+  thread_local std::vector<float> screened;   // [M, N], kept from call to call
+  screened.resize(M * N);
+  float* A = screened.data();
   const uint16_t* bp = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
   const int64_t passes = (M + MR - 1) / MR;
   const auto rows = [&](int64_t g) { return M / passes + (g < M % passes); };
@@ -172,8 +184,10 @@ torch::Tensor greedy_argmax(torch::Tensor x, torch::Tensor p, torch::Tensor b, t
   at::parallel_for(0, units, 2, [&](int64_t u0, int64_t u1) {
     for (int64_t un = u0; un < u1; ++un) {
       const int64_t j = 2 * un, U = std::min<int64_t>(2, P - j);
+      const uint16_t* unit = bp + j * Bk * NR * 2;
+      const uint16_t* next = passes == 1 ? unit : un + 1 < u1 ? unit + U * Bk * NR * 2 : unit;
       for (int64_t g = 0, m = 0; g < passes; m += rows(g), ++g)
-        kScreen[U][rows(g)](xb.data() + m * K, K, bp + j * Bk * NR * 2, Bk, A + m * N + j * NR, N, passes == 1);
+        kScreen[U][rows(g)](xb.data() + m * K, K, unit, next, Bk, A + m * N + j * NR, N, g, passes);
     }
   });
   int64_t* T = tokens.data_ptr<int64_t>();
@@ -182,20 +196,26 @@ torch::Tensor greedy_argmax(torch::Tensor x, torch::Tensor p, torch::Tensor b, t
     for (int64_t m = m0; m < m1; ++m) {
       if (!ok[m]) continue;
       const float* am = A + m * N;
-      float top = am[0];
-      for (int64_t n = 1; n < N; ++n) top = std::max(top, am[n]);
-      if (!std::isfinite(top)) continue;
-      const double floor = double(top) - 2 * err[m];
+      __m512 vtop = _mm512_loadu_ps(am);
+      bool finite = true;
+      for (int64_t j = 1; j < P; ++j) vtop = _mm512_max_ps(vtop, _mm512_loadu_ps(am + j * NR));
+      const float top = _mm512_reduce_max_ps(vtop);
+      for (int64_t j = 0; j < P && finite; ++j)   // a NaN anywhere: max_ps may have passed it by
+        finite = _mm512_cmp_ps_mask(_mm512_loadu_ps(am + j * NR), _mm512_loadu_ps(am + j * NR), _CMP_ORD_Q) == 0xFFFF;
+      if (!finite || !std::isfinite(top)) continue;
+      // In float, rounded down: a candidate test that keeps every output the fp64 one keeps.
+      const double lo = double(top) - 2 * err[m];
+      float floor = static_cast<float>(lo);
+      if (double(floor) > lo) floor = std::nextafter(floor, -FLT_MAX);
+      const __m512 vfloor = _mm512_set1_ps(floor);
       int64_t best = -1;
       float best_f = 0, f[NR];
       for (int64_t j = 0; j < P; ++j) {
-        const float* aj = am + j * NR;
-        bool any = false;
-        for (int64_t i = 0; i < NR; ++i) any |= double(aj[i]) >= floor;
-        if (!any) continue;
+        const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_loadu_ps(am + j * NR), vfloor, _CMP_GE_OQ);
+        if (!keep) continue;
         exact_panel(X + m * K, pp + j * K * NR, K, f);
         for (int64_t i = 0; i < NR; ++i) {
-          if (double(aj[i]) < floor) continue;
+          if (!(keep >> i & 1)) continue;
           if (std::isnan(f[i])) { best = -2; break; }
           if (best == -1 || f[i] > best_f) best = j * NR + i, best_f = f[i];
         }
