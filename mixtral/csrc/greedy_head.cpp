@@ -3,7 +3,8 @@
 // Shapes: M rows of x, K inputs (even), N outputs (the vocabulary, a multiple of 16),
 // P = N / 16 panels, B = K / 2 pairs of inputs.
 //
-//   greedy_argmax(x [M, K], p [P, K, 16] fp32 panels, b [P, B, 16, 2] bf16 panels, bound [3])
+//   greedy_argmax(x [M, K], p [P, K, 16] fp32 panels, b [P, B, 16, 2] bf16 panels, bound [3],
+//                 q [P, K, 16] int8 panels, scale [N], qbound [3])
 //     -> tokens [M] int64, -1 where the row needs every logit after all (non-finite values)
 //
 // A greedy step wants only argmax_n f_n, f_n the fp32 logit panel_linear computes. The
@@ -23,6 +24,12 @@
 // with g = K u / (1 - K u), u = 2^-24 (Cauchy-Schwarz for the sums of |products|). The pack
 // gives max_n |w_n|, max_n |v_n| and max_n |w_n - v_n| (bound, computed in fp64); the norms of
 // x are taken here in fp64. g is doubled for slack in the instruction's rounding.
+//
+// Up to Q8_ROWS rows, where the screen is the time to stream it, it reads int8 weights
+// instead (a quarter of the fp32 bytes): v_n = s_n q_n, q_n in [-127, 127] with a scale per
+// output, against x itself in fp32 (FMAs, then times s_n):
+//   |a_n - x.v_n| <= (g + 2u) |x| |v_n| + 2 K 2^-126
+// and the same two terms as above with x - y = 0 (qbound: the same three maxima for v_n = s_n q_n).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -105,6 +112,42 @@ using Screen = void (*)(const uint16_t*, int64_t, const uint16_t*, const uint16_
 constexpr Screen kScreen[3][MR + 1] = {{}, MOE_SCREENS(1), MOE_SCREENS(2)};
 #undef MOE_SCREENS
 
+constexpr int64_t Q8_ROWS = 6;   // more rows: the bf16 screen, whose products cost half as much (measured)
+
+// a[m, 0:16 U] = s * sum_k x[m, k] q[k, 0:16] over the int8 panel q (and the one beside it).
+template <int R, int U>
+void screen8(const float* x, int64_t ldx, const int8_t* q, const float* s, int64_t K, float* a, int64_t lda) {
+  __m512 c[R], d[R];   // at most 2 x 6: the compiler keeps them in registers
+  for (int m = 0; m < R; ++m) c[m] = d[m] = _mm512_setzero_ps();
+  const int8_t* r = q + K * NR;
+  const char* pf = reinterpret_cast<const char*>(q) + 8192;   // each stream 8 KB ahead, non-temporal (measured)
+  for (int64_t k = 0; k < K; ++k) {
+    if ((k & 3) == 0) {
+      _mm_prefetch(pf, _MM_HINT_NTA);
+      if constexpr (U == 2) _mm_prefetch(pf + K * NR, _MM_HINT_NTA);
+      pf += 64;
+    }
+    const __m512 wl = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k * NR))));
+    __m512 wr = wl;
+    if constexpr (U == 2)
+      wr = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + k * NR))));
+    for (int m = 0; m < R; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[m * ldx + k]);
+      c[m] = _mm512_fmadd_ps(xv, wl, c[m]);
+      if constexpr (U == 2) d[m] = _mm512_fmadd_ps(xv, wr, d[m]);
+    }
+  }
+  for (int m = 0; m < R; ++m) {
+    _mm512_storeu_ps(a + m * lda, _mm512_mul_ps(c[m], _mm512_loadu_ps(s)));
+    if constexpr (U == 2) _mm512_storeu_ps(a + m * lda + NR, _mm512_mul_ps(d[m], _mm512_loadu_ps(s + NR)));
+  }
+}
+
+using Screen8 = void (*)(const float*, int64_t, const int8_t*, const float*, int64_t, float*, int64_t);
+constexpr Screen8 kScreen8[3][Q8_ROWS + 1] = {
+    {}, {nullptr, screen8<1, 1>, screen8<2, 1>, screen8<3, 1>, screen8<4, 1>, screen8<5, 1>, screen8<6, 1>},
+    {nullptr, screen8<1, 2>, screen8<2, 2>, screen8<3, 2>, screen8<4, 2>, screen8<5, 2>, screen8<6, 2>}};
+
 // One row's 16 fp32 logits of panel p: panel_linear's one-row pass, instruction for instruction.
 void exact_panel(const float* x, const float* p, int64_t K, float* f) {
   __m512 c = _mm512_setzero_ps();
@@ -140,7 +183,8 @@ bool greedy_screen_built() {
 #endif
 }
 
-torch::Tensor greedy_argmax(torch::Tensor x, torch::Tensor p, torch::Tensor b, torch::Tensor bound) {
+torch::Tensor greedy_argmax(torch::Tensor x, torch::Tensor p, torch::Tensor b, torch::Tensor bound, torch::Tensor q,
+                            torch::Tensor scale, torch::Tensor qbound) {
   TORCH_CHECK(greedy_screen_built(), "greedy_argmax needs AVX-512 BF16 (greedy_screen_built() is false)");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && p.scalar_type() == torch::kFloat32 &&
               b.scalar_type() == torch::kBFloat16 && bound.scalar_type() == torch::kFloat64,
@@ -149,11 +193,17 @@ torch::Tensor greedy_argmax(torch::Tensor x, torch::Tensor p, torch::Tensor b, t
               b.dim() == 4 && b.size(0) == p.size(0) && b.size(1) * 2 == x.size(1) && b.size(2) == NR &&
               b.size(3) == 2 && b.is_contiguous() && bound.numel() == 3,
               "x must be [M, K], p [N / 16, K, 16], b [N / 16, K / 2, 16, 2] and bound [3]");
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.sizes() == p.sizes() && q.is_contiguous() &&
+              scale.scalar_type() == torch::kFloat32 && scale.dim() == 1 && scale.size(0) == p.size(0) * NR &&
+              scale.is_contiguous() && qbound.scalar_type() == torch::kFloat64 && qbound.numel() == 3,
+              "q must be int8 [N / 16, K, 16], scale fp32 [N] and qbound fp64 [3]");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), P = p.size(0), N = P * NR, Bk = K / 2;
   auto tokens = torch::full({M}, -1, x.options().dtype(torch::kInt64));
+  if (M == 0) return tokens;
 #ifdef MOE_SCREEN
-  const double* bd = bound.contiguous().data_ptr<double>();
+  const bool q8 = M <= Q8_ROWS;
+  const double* bd = (q8 ? qbound : bound).contiguous().data_ptr<double>();
   const double Wn = bd[0], Vn = bd[1], Dn = bd[2];   // max |w_n|, max |v_n|, max |w_n - v_n|
   const double u = std::ldexp(1.0, -24), g = 2 * K * u / (1 - K * u);
   const float* X = x.data_ptr<float>();
@@ -170,7 +220,9 @@ torch::Tensor greedy_argmax(torch::Tensor x, torch::Tensor p, torch::Tensor b, t
       nx += double(v) * v, ny += y * y, nd += (v - y) * (v - y);
     }
     nx = std::sqrt(nx), ny = std::sqrt(ny), nd = std::sqrt(nd);
-    err[m] = (g * (nx * Wn + ny * Vn) + nx * Dn + nd * Vn + 2 * K * std::ldexp(1.0, -126)) * (1 + 1e-6);
+    const double tiny = 4 * K * std::ldexp(1.0, -126);   // flushed or underflowed partial sums
+    err[m] = (q8 ? g * nx * Wn + (g + 2 * u) * nx * Vn + nx * Dn + tiny
+                 : g * (nx * Wn + ny * Vn) + nx * Dn + nd * Vn + tiny) * (1 + 1e-6);
     // Finite, and far from overflow: every partial sum is below |x| max|w_n| (1 + g).
     ok[m] = std::isfinite(nx) && std::isfinite(err[m]) && nx * Wn < FLT_MAX / 4;
   }
@@ -181,9 +233,15 @@ torch::Tensor greedy_argmax(torch::Tensor x, torch::Tensor p, torch::Tensor b, t
   const int64_t passes = (M + MR - 1) / MR;
   const auto rows = [&](int64_t g) { return M / passes + (g < M % passes); };
   const int64_t units = (P + 1) / 2;
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
   at::parallel_for(0, units, 2, [&](int64_t u0, int64_t u1) {
     for (int64_t un = u0; un < u1; ++un) {
       const int64_t j = 2 * un, U = std::min<int64_t>(2, P - j);
+      if (q8) {
+        kScreen8[U][M](X, K, qp + j * K * NR, sp + j * NR, K, A + j * NR, N);
+        continue;
+      }
       const uint16_t* unit = bp + j * Bk * NR * 2;
       const uint16_t* next = passes == 1 ? unit : un + 1 < u1 ? unit + U * Bk * NR * 2 : unit;
       for (int64_t g = 0, m = 0; g < passes; m += rows(g), ++g)
@@ -225,14 +283,14 @@ torch::Tensor greedy_argmax(torch::Tensor x, torch::Tensor p, torch::Tensor b, t
     }
   });
 #else
-  (void)bound;
+  (void)bound, (void)qbound;
 #endif
   return tokens;
 }
 
 TORCH_LIBRARY(moe_serve_greedy, m) {
   m.def("greedy_screen_built() -> bool", &greedy_screen_built);
-  m.def("greedy_argmax(Tensor x, Tensor p, Tensor b, Tensor bound) -> Tensor");
+  m.def("greedy_argmax(Tensor x, Tensor p, Tensor b, Tensor bound, Tensor q, Tensor scale, Tensor qbound) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_serve_greedy, CPU, m) {
