@@ -35,9 +35,9 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Replay decode steps' per-layer segments from CUDA graphs (one per layer and batch-size
     # bucket): at small batches their kernel launches cost more than their math. Ignored off CUDA.
     cuda_graphs: bool = True
-    # Greedy steps on CPU in fp32 take their tokens from a bf16 screen of the lm_head and an
-    # fp32 check of the few outputs it leaves: the same tokens as every fp32 logit, for about
-    # half the lm_head's bytes (mixtral/greedy.py; AVX-512 BF16 CPUs). Half the lm_head's memory again.
+    # Greedy steps on CPU in fp32 take their tokens from an int8 or bf16 screen of the lm_head
+    # and an fp32 check of the few outputs it leaves: the same tokens as every fp32 logit for a
+    # quarter to half of its bytes (mixtral/greedy.py; AVX-512 BF16 CPUs), at 3/4 of its memory.
     greedy_screen: bool = True
 
     def __post_init__(self) -> None:

@@ -1,4 +1,5 @@
 // The greedy token of x @ W.T (the lm_head) without computing every logit in fp32: exact.
+// Needs AVX-512 BF16; elsewhere greedy_screen_built() is false and callers take every logit.
 //
 // Shapes: M rows of x, K inputs (even), N outputs (the vocabulary, a multiple of 16),
 // P = N / 16 panels, B = K / 2 pairs of inputs.
@@ -23,7 +24,8 @@
 //   |x.w_n - y.v_n| <= |x| |w_n - v_n| + |x - y| |v_n|
 // with g = K u / (1 - K u), u = 2^-24 (Cauchy-Schwarz for the sums of |products|). The pack
 // gives max_n |w_n|, max_n |v_n| and max_n |w_n - v_n| (bound, computed in fp64); the norms of
-// x are taken here in fp64. g is doubled for slack in the instruction's rounding.
+// x are taken here in fp64. g is doubled for slack in the instruction's rounding, and 4 K 2^-126
+// covers both sums' flushed or underflowed partials.
 //
 // Up to Q8_ROWS rows, where the screen is the time to stream it, it reads int8 weights
 // instead (a quarter of the fp32 bytes): v_n = s_n q_n, q_n in [-127, 127] with a scale per
