@@ -119,3 +119,13 @@ def test_the_engine_takes_the_screen_only_for_plain_greedy_steps(tiny_ckpt):
     scored = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
     c, calls = run(on, scored)
     assert c == a and calls == 0
+
+
+def test_the_models_greedy_is_its_logits_argmax_rows_that_fall_back_included(tiny_ckpt):
+    """AttentionModel.greedy: the screen's tokens, and every logit for the rows it gives back."""
+    engine, _ = build_engine(tiny_ckpt, EngineConfig())
+    m = engine.model
+    x = torch.randn(9, m.cfg.hidden_size, generator=G)
+    x[4, 0] = float("nan")                                   # a NaN row: argmax is the NaN's, as torch's
+    for rows in (x[:3], x[:1], x):                           # int8 screen, one row, bf16 screen
+        assert torch.equal(m.greedy(rows), m.logits(rows).argmax(-1))
