@@ -81,7 +81,7 @@ class AttentionModel:
         # The fused CPU ops (torch.ops.moe_serve: rms_norm, qkv_rope_cache) where the runner
         # found them to apply (fp32 on CPU); None: the torch code below.
         self.fused = None
-        # The lm_head's bf16 screen (mixtral/greedy.py) where the runner built one: greedy
+        # The lm_head's int8/bf16 screen (mixtral/greedy.py) where the runner built one: greedy
         # steps take their tokens from `greedy` without every fp32 logit. None: `logits` only.
         self.greedy_head = None
         self._cos = self._sin = None    # rope tables [P, Dh] for positions 0 .. P - 1, grown on demand
@@ -136,8 +136,8 @@ class AttentionModel:
         return linear(self.norm_(x, self.norm), self.lm_head).float()
 
     def greedy(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, D] (last positions) -> [B] int64, logits(x).argmax(-1) (first of equal maxima)
-        the same tokens, through the screen: every fp32 logit only for a row it gives back."""
+        """x [B, D] (last positions) -> tokens [B] int64: logits(x).argmax(-1) (first of equal
+        maxima), the same tokens, from the screen; every fp32 logit only for a row it gives back."""
         a = self.norm_(x, self.norm)
         tokens = greedy_tokens(a, self.greedy_head)
         back = (tokens < 0).nonzero().flatten()
