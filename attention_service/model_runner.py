@@ -77,6 +77,10 @@ class ModelRunner:
             model.fused = cpu_kernels.fused_ops(model.dtype, model.device)
         if greedy_screen and model.greedy_head is None:
             model.greedy_head = pack_greedy(model.lm_head)
+            if model.greedy_head is None:
+                log.info("greedy_screen is on but does not apply here (it needs the lm_head in fp32 on a CPU "
+                         "with AVX-512 BF16; this model: %s on %s): greedy steps compute every logit",
+                         model.dtype, model.device)
         # Looked up once rather than in every layer of every step.
         self._kv_layers = [(kv.k[layer], kv.v[layer]) for layer in range(len(model.layers))]
         self._groups = [(placement.group_of[layer], placement.only_group(layer)) for layer in range(len(model.layers))]

@@ -2,8 +2,8 @@
 
 What it measures
     The greedy token of M rows of x through the "bench" preset's lm_head [32000, 512] (random
-    weights, fp32, on CPU), two ways: the screen of mixtral/greedy.py (bf16 logits, a bound,
-    the candidates' panels again in fp32) and what a step computes without it (the panel
+    weights, fp32, on CPU), two ways: the screen of mixtral/greedy.py (int8 logits for up to 6
+    rows, bf16 for more, a bound, the candidates' panels again in fp32) and what a step computes without it (the panel
     matmul of every logit, mixtral/linear.py, then the argmax kernel of csrc/fused.cpp).
     Each side cycles through enough copies of the weights that every call streams them from
     memory, as a decode step does. Per M: the median time of --repeats calls per side, the

@@ -9,7 +9,7 @@ What it measures
       single   one request alone
       batch    --batch requests (default 32) submitted together
     Our side runs twice: as configured by default, where greedy steps take their tokens from
-    the lm_head's bf16 screen and an fp32 check (mixtral/greedy.py: the same tokens as every
+    the lm_head's int8 or bf16 screen and an fp32 check (mixtral/greedy.py: the same tokens as every
     fp32 logit), and with `greedy_screen` off, every fp32 logit computed as llama.cpp does.
     Figure per side: output tokens / wall time from submission to the last token (prompt
     processing included, as llama-batched-bench's total time), median of --repeats runs; the

@@ -209,17 +209,19 @@ torch::Tensor greedy_argmax(torch::Tensor x, torch::Tensor p, torch::Tensor b, t
   const double Wn = bd[0], Vn = bd[1], Dn = bd[2];   // max |w_n|, max |v_n|, max |w_n - v_n|
   const double u = std::ldexp(1.0, -24), g = 2 * K * u / (1 - K * u);
   const float* X = x.data_ptr<float>();
-  std::vector<uint16_t> xb(M * K);
+  std::vector<uint16_t> xb(q8 ? 0 : M * K);
   std::vector<double> err(M);
   std::vector<char> ok(M);
   for (int64_t m = 0; m < M; ++m) {
     double nx = 0, ny = 0, nd = 0;
     for (int64_t k = 0; k < K; ++k) {
       const float v = X[m * K + k];
+      nx += double(v) * v;
+      if (q8) continue;                        // the int8 screen reads x itself
       const uint16_t h = to_bf16(v);
       const double y = from_bf16(h);
       xb[m * K + k] = h;
-      nx += double(v) * v, ny += y * y, nd += (v - y) * (v - y);
+      ny += y * y, nd += (v - y) * (v - y);
     }
     nx = std::sqrt(nx), ny = std::sqrt(ny), nd = std::sqrt(nd);
     const double tiny = 4 * K * std::ldexp(1.0, -126);   // flushed or underflowed partial sums
